@@ -1,0 +1,37 @@
+# mmr1 — the two commands of the README: `make demo` and `make test`. Both build .venv when it is missing
+# or older than pyproject.toml, and reuse it otherwise.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MMR1 := $(VENV)/bin/mmr1
+STAMP := $(VENV)/.mmr1-installed
+DEMO_DATA := data/demo
+DEMO_RUN := runs/demo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test demo demo-data clean-demo bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+$(DEMO_DATA)/train.jsonl: | $(STAMP)
+	$(MMR1) data synth --out $(DEMO_DATA)
+
+demo-data: $(DEMO_DATA)/train.jsonl
+
+demo: $(STAMP) $(DEMO_DATA)/train.jsonl
+	$(MMR1) fit --config configs/demo.yaml
+	$(MMR1) export --checkpoint $(DEMO_RUN)/checkpoints/last.ckpt --output $(DEMO_RUN)/export --overwrite
+	$(MMR1) evaluate --model $(DEMO_RUN)/export --manifest $(DEMO_DATA)/test.jsonl --output $(DEMO_RUN)/eval.json
+	$(PY) examples/ask.py $(DEMO_RUN)/export $(DEMO_DATA)
+
+clean-demo:
+	rm -rf $(DEMO_RUN)

@@ -1,0 +1,100 @@
+"""Lightning data module over JSONL manifests.
+
+Its init args are plain values so `LightningCLI` / jsonargparse can build it from YAML. Processors and the
+tokenizer belong to the model: pass them with `attach()`, or leave it to `setup()`, which takes them from
+`trainer.lightning_module.processors()` and `.tokenizer`. `setup()` reads and validates every manifest in the
+main process, so bad inputs fail (or are skipped and reported in `skip_report`) before any worker starts.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipelines.collate import MultimodalCollator
+from data_pipelines.dataset import MultimodalDataset
+from data_pipelines.manifest import read_manifest
+
+SPLITS = ("train", "val", "test", "predict")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class MultimodalDataModule(lightning.LightningDataModule):
+    def __init__(self, train_manifest: str, val_manifest: str | None = None, test_manifest: str | None = None,
+                 predict_manifest: str | None = None, batch_size: int = 16, num_workers: int = 0,
+                 max_length: int = 256, skip_bad_records: bool = False, cache: bool = True, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest,
+                          "predict": predict_manifest}
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self.skip_bad_records = skip_bad_records
+        self.cache = cache
+        self.seed = seed
+        self.processors: dict[str, Any] | None = None
+        self.tokenizer: Any = None
+        self.datasets: dict[str, MultimodalDataset] = {}
+        self.skip_report: dict[str, dict] = {}  # split -> {"records", "skipped", "errors"}
+
+    def attach(self, processors: Mapping[str, Any], tokenizer: Any) -> "MultimodalDataModule":
+        """Use these (ordered) processors and this tokenizer instead of the trainer's model's."""
+        self.processors = dict(processors)
+        self.tokenizer = tokenizer
+        return self
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processors is None or self.tokenizer is None:
+            self._attach_from_trainer()
+        splits = STAGE_SPLITS[stage] if stage in STAGE_SPLITS else SPLITS
+        for split in splits:
+            if split in self.datasets:  # fit then test: each split is read and validated once
+                continue
+            path = self.manifests[split]
+            if path is None:
+                if split == "train" or stage in ("validate", "test", "predict"):
+                    raise ValueError(f"stage {stage!r} needs a {split} manifest; set {split}_manifest")
+                continue
+            self.datasets[split] = self._build(split, path)
+
+    def _attach_from_trainer(self) -> None:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is None or not hasattr(model, "processors") or not hasattr(model, "tokenizer"):
+            raise RuntimeError("MultimodalDataModule has no processors/tokenizer: call attach(processors, tokenizer) "
+                               "or run it in a Trainer whose model has processors() and tokenizer")
+        self.attach(model.processors(), model.tokenizer)
+
+    def _build(self, split: str, path: str) -> MultimodalDataset:
+        records = read_manifest(path, list(self.processors), require_answer=split != "predict")
+        dataset = MultimodalDataset(records, self.processors, self.tokenizer, manifest=path,
+                                    max_length=self.max_length, cache=self.cache)
+        self.skip_report[split] = dataset.validate(skip_bad=self.skip_bad_records)
+        if len(dataset) == 0:
+            raise ValueError(f"every record of {path} was skipped as bad; first error: "
+                             f"{self.skip_report[split]['errors'][0]}")
+        return dataset
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader("train", shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # No val manifest means no validation; Lightning treats an empty list as "nothing to validate on".
+        return self._loader("val") if self.manifests["val"] is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def _loader(self, split: str, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"no {split} dataset: set {split}_manifest and call setup() first")
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=MultimodalCollator(self.tokenizer.pad_id, self.processors))

@@ -1,0 +1,60 @@
+"""Gated cross-modal attention (Flamingo-style): text hidden states attend to modality tokens.
+
+The output is scaled by tanh(gate) with the gate initialised at 0, so a freshly built model computes exactly
+what its text-only backbone computes; training opens the gate as the modality tokens become useful.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmr1.norm import RMSNorm
+
+
+class GatedCrossAttention(nn.Module):
+    """x (B, L, D) attends to memory (B, T, D); returns tanh(gate) * attn, to be added to x by the caller."""
+
+    def __init__(self, dim: int, n_heads: int, norm_eps: float = 1e-5):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"GatedCrossAttention: dim={dim} not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.norm = RMSNorm(dim, norm_eps)
+        self.memory_norm = RMSNorm(dim, norm_eps)
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the modality tokens, (B, H, T, Dh) each. Computed once per request in decoding."""
+        B, T, _ = memory.shape
+        kv = self.wkv(self.memory_norm(memory)).view(B, T, 2, self.n_heads, self.head_dim)
+        k, v = kv.unbind(dim=2)  # (B, T, H, Dh)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (B, L, D); memory: (B, T, D) or precomputed `kv`; memory_mask: (B, T) bool, True = real token.
+
+        Rows whose sample has no modality token at all get exactly zero output.
+        """
+        B, L, D = x.shape
+        k, v = kv if kv is not None else self.memory_kv(memory)  # (B, H, T, Dh)
+        q = self.wq(self.norm(x)).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        has_memory = None
+        attn_mask = None
+        if memory_mask is not None:
+            has_memory = memory_mask.any(dim=1)  # (B,)
+            # A sample without modality tokens would softmax over nothing (NaN); let it see token 0 and
+            # zero its output below instead.
+            safe_mask = memory_mask.clone()
+            safe_mask[~has_memory, 0] = True
+            attn_mask = safe_mask[:, None, None, :]  # (B, 1, 1, T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
+        out = self.wo(out.transpose(1, 2).reshape(B, L, D))
+        if has_memory is not None:
+            out = out * has_memory[:, None, None].to(out.dtype)
+        return torch.tanh(self.gate).to(out.dtype) * out

@@ -1,0 +1,137 @@
+"""Async modality queues: each modality's load -> preprocess -> encode runs in its own worker thread.
+
+A request submits its raw inputs (paths, PIL images, waveforms) and gets one future per modality; the decoder
+side awaits them (`gather`, or `await` in asyncio code) while other work goes on. A worker drains whatever is
+waiting in its queue (up to `max_batch` items), encodes those in one batched forward, and resolves each
+item's future with that item's own tokens. PyTorch releases the GIL inside its kernels, so encoding really
+runs beside the decoder. A bad input fails only its own future, with an error naming the item.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from data_pipelines.errors import InputError
+from encoders.base import ModalityProcessor
+
+# (values, mask) of a collated batch -> (tokens (N, T, D), token_mask (N, T))
+EncodeFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass
+class EncodedInput:
+    tokens: torch.Tensor  # (T, D)
+    mask: torch.Tensor  # (T,) bool
+
+
+_STOP = object()
+
+
+class ModalityQueues:
+    """One worker thread per modality. Use as a context manager or call `close()`."""
+
+    def __init__(self, processors: Mapping[str, ModalityProcessor], encode: EncodeFn, *, max_batch: int = 16):
+        self.processors = dict(processors)
+        self.encode = encode
+        self.max_batch = max_batch
+        self._queues: dict[str, queue.Queue] = {m: queue.Queue() for m in self.processors}
+        self._threads = [threading.Thread(target=self._worker, args=(m,), daemon=True, name=f"mmr1-{m}-encoder")
+                         for m in self.processors]
+        self._closed = False
+        for t in self._threads:
+            t.start()
+
+    # ---- submission ---------------------------------------------------------------------------
+    def submit(self, inputs: Mapping[str, Any], *, item: int | None = None) -> dict[str, Future]:
+        """Queue one request's raw inputs; returns {modality: Future[EncodedInput]}."""
+        if self._closed:
+            raise RuntimeError("ModalityQueues is closed")
+        unknown = sorted(set(inputs) - set(self.processors))
+        if unknown:
+            raise ValueError(f"no encoder for modality {unknown}; this model encodes {sorted(self.processors)}")
+        futures = {}
+        for modality, source in inputs.items():
+            fut: Future = Future()
+            self._queues[modality].put((source, item, fut))
+            futures[modality] = fut
+        return futures
+
+    @staticmethod
+    def gather(futures: Mapping[str, Future], timeout: float | None = None) -> dict[str, EncodedInput]:
+        """Block until every future of one request is done; re-raises the first input error."""
+        return {m: f.result(timeout=timeout) for m, f in futures.items()}
+
+    async def encode_async(self, inputs: Mapping[str, Any], *, item: int | None = None) -> dict[str, EncodedInput]:
+        futures = self.submit(inputs, item=item)
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures.values()))
+        return dict(zip(futures.keys(), results))
+
+    # ---- worker ---------------------------------------------------------------------------------
+    def _drain(self, modality: str) -> list:
+        q = self._queues[modality]
+        first = q.get()
+        if first is _STOP:
+            return [_STOP]
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                q.put(_STOP)  # finish this batch, stop on the next drain
+                break
+            batch.append(nxt)
+        return batch
+
+    def _worker(self, modality: str) -> None:
+        processor = self.processors[modality]
+        while True:
+            batch = self._drain(modality)
+            if batch[0] is _STOP:
+                return
+            ready = []
+            for source, item, fut in batch:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    ready.append((processor.preprocess(processor.load(source)), fut))
+                except InputError as err:
+                    fut.set_exception(err.located(item=item))
+                except Exception as err:  # a processor bug must not kill the worker
+                    fut.set_exception(err)
+            if ready:
+                self._encode_batch(modality, processor, ready)
+
+    def _encode_batch(self, modality: str, processor: ModalityProcessor, ready: list) -> None:
+        try:
+            collated = processor.collate([tensor for tensor, _ in ready])
+            with torch.inference_mode():
+                tokens, mask = self.encode(modality, collated["values"], collated.get("mask"))  # (N, T, D), (N, T)
+            for i, (_, fut) in enumerate(ready):
+                fut.set_result(EncodedInput(tokens[i], mask[i]))
+        except Exception as err:
+            for _, fut in ready:
+                if not fut.done():
+                    fut.set_exception(err)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for q in self._queues.values():
+            q.put(_STOP)
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def __enter__(self) -> "ModalityQueues":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

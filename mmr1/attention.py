@@ -1,0 +1,113 @@
+"""Rotary position embeddings and grouped-query causal self-attention with an optional KV cache."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from mmr1.kv_cache import KVCache
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE (Su et al. 2021), precomputed up to `max_seq_len`, looked up by position id.
+
+    Positions come in explicitly as (B, L) so that left-padded batches rotate each sequence from its own 0.
+    Uses the half-split layout (dims i and i + D/2 form a pair), as Llama / Hugging Face checkpoints do.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim={head_dim} must be even")
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        cos, sin = self._tables(device=None)
+        # Not persistent: derived from the config, so checkpoints don't carry them.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
+        inv_freq = self.theta ** -(dims / self.head_dim)  # (D/2,)
+        angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (max_seq_len, D)
+        return angles.cos().float(), angles.sin().float()
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, L) -> cos, sin (B, 1, L, D) in fp32, ready to broadcast over heads."""
+        if self.cos.dtype != torch.float32:
+            # `model.to(torch.bfloat16)` casts buffers too; bf16 angles lose precision at long range, so rebuild.
+            self.cos, self.sin = self._tables(self.cos.device)
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, L, D) by the angles in cos/sin (B, 1, L, D); computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).type_as(x)
+
+
+def attention_mask_for(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, L, S), True = may attend: causal + key padding.
+
+    key_mask (B, S) marks real tokens among all keys (cached ones first); the L queries are the last L keys.
+    Every query also sees itself so padding rows never softmax over nothing (NaN); real queries are unaffected
+    because the only key a padding query adds is its own padding key.
+    """
+    S = key_mask.shape[1]
+    query_pos = torch.arange(S - query_len, S, device=key_mask.device)[:, None]  # (L, 1)
+    key_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    causal = key_pos <= query_pos  # (L, S)
+    visible = key_mask[:, None, :] | (key_pos == query_pos)  # (B, L, S)
+    return (causal & visible).unsqueeze(1)
+
+
+class SelfAttention(nn.Module):
+    """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, layer_idx: int = 0, dropout: float = 0.0):
+        super().__init__()
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"SelfAttention: need dim % n_heads == 0 and n_heads % n_kv_heads == 0, "
+                             f"got dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = dim // n_heads
+        self.layer_idx = layer_idx  # which slot of a KVCache this layer owns
+        self.dropout = dropout
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, L, D); cos/sin (B, 1, L, Dh); attn_mask (B, 1, L, S) bool or None for plain causal over x.
+
+        With a cache, this call's keys/values are written after the cached ones and the queries attend to all
+        S = cached + L keys (the caller builds attn_mask for that).
+        """
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            if k.shape[2] != L:  # SDPA's is_causal aligns top-left, wrong once cached keys precede the queries
+                raise ValueError("SelfAttention: attn_mask is required when attending to cached keys")
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)

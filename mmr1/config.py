@@ -1,0 +1,117 @@
+"""Config dataclasses for the R1 backbone. Each serializes to a plain dict (JSON/YAML) and back."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A config dataclass as plain JSON-friendly data (nested dataclasses become dicts)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, data: dict) -> Any:
+    """Build `cls` from a dict, recursing into fields typed as config dataclasses.
+
+    Unknown keys are an error that names the class and the key, so a typo in a YAML/JSON config never
+    silently falls back to a default.
+    """
+    if data is None:
+        return None
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        target = _dataclass_in(hints[key])
+        kwargs[key] = config_from_dict(target, value) if target and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> Optional[type]:
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):  # Optional[X] / X | None
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class MoEConfig:
+    """Fine-grained Mixture of Experts (DeepSeek-style): routed experts in groups plus shared experts."""
+
+    num_experts: int = 128  # routed experts
+    num_groups: int = 16  # experts are split into this many equal groups
+    topk_groups: int = 4  # group-limited routing: only experts in the best `topk_groups` groups compete
+    top_k: int = 2  # routed experts per token
+    expert_hidden: int = 256  # width of each routed expert (fine-grained: narrower than a dense FFN)
+    num_shared_experts: int = 1  # always-on experts, each `expert_hidden` wide
+    score_func: str = "softmax"  # "softmax" | "sigmoid"
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
+    route_scale: float = 1.0
+    aux_loss_coef: float = 0.01  # weight of the switch/GShard load-balancing loss in the training loss
+
+    def __post_init__(self) -> None:
+        if self.num_experts % self.num_groups:
+            raise ValueError(f"MoEConfig: num_experts={self.num_experts} not divisible by num_groups={self.num_groups}")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(f"MoEConfig: topk_groups={self.topk_groups} must be in [1, num_groups={self.num_groups}]")
+        per_group = self.num_experts // self.num_groups
+        if not 1 <= self.top_k <= self.topk_groups * per_group:
+            raise ValueError(f"MoEConfig: top_k={self.top_k} exceeds the experts in the kept groups")
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"MoEConfig: score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+
+
+@dataclass
+class R1Config:
+    """Decoder-only R1 backbone: RMSNorm, RoPE, GQA attention, MoE feed-forward, gated cross-attention."""
+
+    vocab_size: int = 512
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: n_heads must be a multiple of n_kv_heads
+    ffn_hidden: int = 688  # dense SwiGLU width (dense layers and MoE-less models)
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    moe: Optional[MoEConfig] = None  # None: every layer is dense
+    first_k_dense: int = 1  # the first layers stay dense even when `moe` is set
+    cross_attn_layers: list[int] = field(default_factory=list)  # block indices with gated cross-attention
+    cross_attn_heads: int = 4
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"R1Config: dim={self.dim} not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"R1Config: n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.dim % self.cross_attn_heads:
+            raise ValueError(f"R1Config: dim={self.dim} not divisible by cross_attn_heads={self.cross_attn_heads}")
+        bad = [i for i in self.cross_attn_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"R1Config: cross_attn_layers {bad} outside [0, n_layers={self.n_layers})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe is not None and index >= self.first_k_dense

@@ -1,0 +1,173 @@
+"""MultimodalR1: modality encoders -> projectors (+ modality-type embeddings) -> R1 backbone with gated
+cross-attention. One config dataclass (`MultimodalConfig`) describes the whole model; `save_pretrained` writes
+`config.json` + `model.safetensors` + `tokenizer.json`, `from_pretrained` reads them back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+import encoders as encoder_registry
+from encoders.base import ModalityEncoder, ModalityProcessor
+from fusion.projector import ProjectorConfig, build_projector
+from mmr1.backbone import R1Model, R1Output
+from mmr1.config import R1Config, config_from_dict, config_to_dict
+from mmr1.tokenizer import R1Tokenizer
+
+CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
+
+
+@dataclass
+class EncoderConfig:
+    """One modality branch. The key of this config in `MultimodalConfig.encoders` is the modality key used in
+    manifests and in `Pipeline(..., key=input)`."""
+
+    name: str  # registry name: "clip_vit", "wav2vec2", or a plug-in's entry-point name
+    kwargs: dict = field(default_factory=dict)  # passed to encoders.create_encoder(name, **kwargs)
+    freeze: bool = False
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+@dataclass
+class MultimodalConfig:
+    backbone: R1Config = field(default_factory=R1Config)
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"backbone": config_to_dict(self.backbone),
+                "encoders": {k: config_to_dict(v) for k, v in self.encoders.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MultimodalConfig":
+        unknown = sorted(set(data) - {"backbone", "encoders"})
+        if unknown:
+            raise ValueError(f"MultimodalConfig: unknown field(s) {unknown}; expected 'backbone' and 'encoders'")
+        encoders = {k: v if isinstance(v, EncoderConfig) else config_from_dict(EncoderConfig, v)
+                    for k, v in (data.get("encoders") or {}).items()}
+        backbone = data.get("backbone") or {}
+        if not isinstance(backbone, R1Config):
+            backbone = config_from_dict(R1Config, backbone)
+        return cls(backbone=backbone, encoders=encoders)
+
+
+def build_encoder(key: str, cfg: EncoderConfig) -> ModalityEncoder:
+    encoder = encoder_registry.create_encoder(cfg.name, **cfg.kwargs)
+    if not isinstance(encoder, ModalityEncoder):
+        raise TypeError(f"encoder {cfg.name!r} for {key!r} is a {type(encoder).__name__}, not a ModalityEncoder")
+    # The config key names the modality, so one encoder class can serve several keys.
+    encoder.modality = key
+    encoder.processor.modality = key
+    encoder.set_frozen(cfg.freeze)
+    return encoder
+
+
+class MultimodalR1(nn.Module):
+    def __init__(self, config: MultimodalConfig):
+        super().__init__()
+        self.config = config
+        dim = config.backbone.dim
+        if config.encoders and not config.backbone.cross_attn_layers:
+            raise ValueError("MultimodalConfig: encoders are configured but backbone.cross_attn_layers is empty, "
+                             "so the backbone could never see them")
+        self.encoders = nn.ModuleDict({k: build_encoder(k, c) for k, c in config.encoders.items()})
+        self.projectors = nn.ModuleDict({k: build_projector(c.projector, self.encoders[k].output_dim, dim)
+                                         for k, c in config.encoders.items()})
+        self.modality_embeddings = nn.ParameterDict({k: nn.Parameter(torch.zeros(dim)) for k in config.encoders})
+        self.backbone = R1Model(config.backbone)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders.keys())
+
+    def processors(self) -> dict[str, ModalityProcessor]:
+        return {k: enc.processor for k, enc in self.encoders.items()}
+
+    # ---- encoding and fusion ----------------------------------------------------------------------
+    def encode_modality(self, key: str, values: torch.Tensor, mask: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One modality's collated inputs -> backbone-width tokens (N, T, dim) and token mask (N, T)."""
+        encoder = self.encoders[key]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not getattr(encoder, "frozen", False)):
+            tokens, token_mask = encoder(values, mask)  # (N, T, enc_dim), (N, T)
+        tokens, token_mask = self.projectors[key](tokens, token_mask)  # (N, T', dim)
+        return tokens + self.modality_embeddings[key].to(tokens.dtype), token_mask
+
+    def fuse(self, encoded: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], batch_size: int
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Scatter each modality's tokens to the batch rows that carry it and concatenate along T.
+
+        encoded: {key: (tokens (N, T, D), mask (N, T), present (B,) bool)} -> (B, sum T, D), (B, sum T).
+        Rows that lack a modality get zero tokens with mask False there.
+        """
+        states, masks = [], []
+        for key in self.modalities:
+            if key not in encoded:
+                continue
+            tokens, mask, present = encoded[key]
+            full = tokens.new_zeros(batch_size, tokens.shape[1], tokens.shape[2])
+            full_mask = mask.new_zeros(batch_size, mask.shape[1])
+            full[present] = tokens
+            full_mask[present] = mask
+            states.append(full)
+            masks.append(full_mask)
+        if not states:
+            return None, None
+        return torch.cat(states, dim=1), torch.cat(masks, dim=1)
+
+    def encode_batch(self, modalities: Mapping[str, Mapping[str, torch.Tensor]], batch_size: int
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The collated `batch["modalities"]` of the data pipeline -> cross-attention states and mask."""
+        encoded = {}
+        for key, item in modalities.items():
+            if key not in self.encoders:
+                raise KeyError(f"batch carries modality {key!r} but the model has encoders for {self.modalities}")
+            tokens, mask = self.encode_modality(key, item["values"], item.get("mask"))
+            encoded[key] = (tokens, mask, item["present"])
+        return self.fuse(encoded, batch_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                modalities: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> R1Output:
+        cross_states, cross_mask = self.encode_batch(modalities or {}, input_ids.shape[0])
+        return self.backbone(input_ids, attention_mask=attention_mask, cross_states=cross_states,
+                             cross_mask=cross_mask)
+
+    # ---- persistence ---------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, tokenizer: R1Tokenizer) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.export_config()
+        (directory / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "mmr1"})
+        tokenizer.save(directory / TOKENIZER_NAME)
+        return directory
+
+    def export_config(self) -> MultimodalConfig:
+        """The config to rebuild this model without its original pretrained sources: an encoder that knows how
+        (`architecture_kwargs()`) replaces its kwargs so loading needs only the exported directory."""
+        encoders = {}
+        for key, cfg in self.config.encoders.items():
+            arch = getattr(self.encoders[key], "architecture_kwargs", None)
+            kwargs = arch() if callable(arch) else dict(cfg.kwargs)
+            encoders[key] = dataclasses.replace(cfg, kwargs=kwargs)
+        return MultimodalConfig(backbone=self.config.backbone, encoders=encoders)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"
+                        ) -> tuple["MultimodalR1", R1Tokenizer]:
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not an mmr1 model directory: {name} is missing "
+                                        f"(expected {CONFIG_NAME}, {WEIGHTS_NAME}, {TOKENIZER_NAME})")
+        config = MultimodalConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        model = cls(config)
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(map_location))
+        model.eval()
+        return model, R1Tokenizer.from_file(directory / TOKENIZER_NAME)

@@ -1,0 +1,158 @@
+"""LightningModule for mmr1: next-token loss on answer tokens + the MoE load-balancing loss.
+
+AdamW with linear warmup then cosine decay, gradient clipping from the Trainer, and logs of loss, aux loss,
+teacher-forced answer accuracy (per question type on validation) and tokens/s.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from mmr1.config import R1Config, config_to_dict
+from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
+from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with logits: position t predicts token t+1. (B, L) -> (B, L)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+def answer_exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per example: True when every supervised token is the argmax (teacher forcing). (B,) bool."""
+    supervised = targets != IGNORE_INDEX
+    correct = (logits.argmax(-1) == targets) | ~supervised
+    return correct.all(dim=1) & supervised.any(dim=1)
+
+
+class MMR1LightningModule(L.LightningModule):
+    def __init__(self, tokenizer: str, backbone: Optional[R1Config] = None,
+                 encoders: Optional[dict[str, EncoderConfig]] = None, init_from: Optional[str] = None,
+                 lr: float = 1e-3, encoder_lr_scale: float = 1.0, weight_decay: float = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, min_lr_ratio: float = 0.1):
+        """
+        Args:
+            tokenizer: a tokenizer.json (or a directory holding one); modality markers for the configured
+                encoders are added, and the backbone's vocab_size follows the tokenizer.
+            backbone: the R1 backbone config. encoders: {modality key: EncoderConfig}.
+            init_from: an exported model directory to start from (its weights; the config above must match).
+            lr: peak learning rate; encoders train at lr * encoder_lr_scale.
+        """
+        super().__init__()
+        self.tokenizer = R1Tokenizer.from_file(tokenizer)
+        encoders = dict(encoders or {})
+        self.tokenizer.add_modalities(list(encoders))
+        backbone = backbone or R1Config()
+        backbone.vocab_size = self.tokenizer.vocab_size
+        self.model_config = MultimodalConfig(backbone=backbone, encoders=encoders)
+        self.model = MultimodalR1(self.model_config)
+        if init_from:
+            self._load_init(init_from)
+        self.save_hyperparameters({"model_config": self.model_config.to_dict(), "tokenizer": str(tokenizer),
+                                   "init_from": init_from, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
+                                   "weight_decay": weight_decay, "betas": list(betas),
+                                   "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+        self.aux_loss_coef = backbone.moe.aux_loss_coef if backbone.moe else 0.0
+        self._step_started = 0.0
+
+    def _load_init(self, directory: str) -> None:
+        from safetensors.torch import load_model
+
+        from mmr1.model import WEIGHTS_NAME
+        missing, unexpected = load_model(self.model, f"{directory}/{WEIGHTS_NAME}", strict=False)
+        if unexpected:
+            raise ValueError(f"init_from={directory}: weights {sorted(unexpected)[:5]} do not fit this model")
+
+    def processors(self):
+        return self.model.processors()
+
+    # ---- steps ------------------------------------------------------------------------------------
+    def _forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("modalities"))
+        targets = shifted_targets(batch["labels"])
+        lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return {"lm_loss": lm_loss, "aux_loss": out.aux_loss, "loss": lm_loss + self.aux_loss_coef * out.aux_loss,
+                "correct": answer_exact_match(out.logits, targets)}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self._forward(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out["lm_loss"], prog_bar=True, batch_size=bs)
+        self.log("train/aux_loss", out["aux_loss"], batch_size=bs)
+        self.log("train/answer_acc", out["correct"].float().mean(), prog_bar=True, batch_size=bs)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        if elapsed > 0:
+            self.log("train/tokens_per_s", batch["attention_mask"].sum().item() / elapsed, prog_bar=True)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        out = self._forward(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", out["lm_loss"], prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/answer_acc", out["correct"].float().mean(), prog_bar=True, batch_size=bs, sync_dist=True)
+        by_type = defaultdict(list)
+        for qtype, ok in zip(batch.get("types") or [], out["correct"].tolist()):
+            if qtype:
+                by_type[qtype].append(float(ok))
+        for qtype, values in by_type.items():
+            self.log(f"{stage}/acc/{qtype}", sum(values) / len(values), batch_size=len(values), sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        from mmr1.generation import generate
+
+        prompts = [self.tokenizer.encode_prompt(q or "", [k for k in self.model.modalities
+                                                       if k in batch.get("modalities", {})
+                                                       and bool(batch["modalities"][k]["present"][i])])
+                   for i, q in enumerate(batch["questions"])]
+        cross_states, cross_mask = self.model.encode_batch(batch.get("modalities") or {}, len(prompts))
+        new_tokens = generate(self.model.backbone, prompts, cross_states=cross_states, cross_mask=cross_mask,
+                              max_new_tokens=16, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+        return [{"id": i, "question": q, "prediction": self.tokenizer.decode(t), "answer": a}
+                for i, q, t, a in zip(batch["ids"], batch["questions"], new_tokens, batch["answers"])]
+
+    # ---- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups: dict[tuple[bool, bool], list] = defaultdict(list)
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            no_decay = param.ndim < 2 or "embedding" in name or name.endswith("gate")
+            groups[(name.startswith("encoders."), no_decay)].append(param)
+        param_groups = [{"params": params, "weight_decay": 0.0 if no_decay else hp.weight_decay,
+                         "lr": hp.lr * (hp.encoder_lr_scale if is_encoder else 1.0)}
+                        for (is_encoder, no_decay), params in groups.items()]
+        optimizer = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints carry what export needs, as plain data ---------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmr1"] = {"config": self.model.export_config().to_dict(),
+                              "tokenizer": self.tokenizer.tok.to_str()}
