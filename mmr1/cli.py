@@ -42,7 +42,7 @@ def data_main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     synth = sub.add_parser("synth", help="write synthetic image/audio QA data: PNG/WAV files, manifests, tokenizer")
     synth.add_argument("--out", required=True, help="output directory (must be empty or new)")
-    synth.add_argument("--num-train", type=int, default=3000)
+    synth.add_argument("--num-train", type=int, default=6000)
     synth.add_argument("--num-val", type=int, default=200)
     synth.add_argument("--num-test", type=int, default=300)
     synth.add_argument("--text-records", type=int, default=100)

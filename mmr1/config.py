@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +44,6 @@ def _dataclass_in(hint: Any) -> Optional[type]:
         if dataclasses.is_dataclass(arg):
             return arg
     return None
-
-
-def save_json(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass

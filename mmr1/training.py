@@ -34,7 +34,8 @@ def answer_exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 class MMR1LightningModule(L.LightningModule):
     def __init__(self, tokenizer: str, backbone: Optional[R1Config] = None,
                  encoders: Optional[dict[str, EncoderConfig]] = None, init_from: Optional[str] = None,
-                 lr: float = 1e-3, encoder_lr_scale: float = 1.0, weight_decay: float = 0.05,
+                 lr: float = 1e-3, encoder_lr_scale: float = 1.0, gate_lr_scale: float = 1.0,
+                 weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, min_lr_ratio: float = 0.1):
         """
         Args:
@@ -42,7 +43,8 @@ class MMR1LightningModule(L.LightningModule):
                 encoders are added, and the backbone's vocab_size follows the tokenizer.
             backbone: the R1 backbone config. encoders: {modality key: EncoderConfig}.
             init_from: an exported model directory to start from (its weights; the config above must match).
-            lr: peak learning rate; encoders train at lr * encoder_lr_scale.
+            lr: peak learning rate; encoders train at lr * encoder_lr_scale, and the cross-attention gates at
+                lr * gate_lr_scale (a scalar gate starting at 0 opens slowly at the network's learning rate).
         """
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
@@ -56,6 +58,7 @@ class MMR1LightningModule(L.LightningModule):
             self._load_init(init_from)
         self.save_hyperparameters({"model_config": self.model_config.to_dict(), "tokenizer": str(tokenizer),
                                    "init_from": init_from, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
+                                   "gate_lr_scale": gate_lr_scale,
                                    "weight_decay": weight_decay, "betas": list(betas),
                                    "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
         self.aux_loss_coef = backbone.moe.aux_loss_coef if backbone.moe else 0.0
@@ -130,15 +133,16 @@ class MMR1LightningModule(L.LightningModule):
     # ---- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        groups: dict[tuple[bool, bool], list] = defaultdict(list)
+        groups: dict[tuple[str, bool], list] = defaultdict(list)
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            no_decay = param.ndim < 2 or "embedding" in name or name.endswith("gate")
-            groups[(name.startswith("encoders."), no_decay)].append(param)
+            kind = "gate" if name.endswith(".gate") else "encoder" if name.startswith("encoders.") else "base"
+            no_decay = param.ndim < 2 or "embedding" in name or kind == "gate"
+            groups[(kind, no_decay)].append(param)
+        scale = {"gate": hp.gate_lr_scale, "encoder": hp.encoder_lr_scale, "base": 1.0}
         param_groups = [{"params": params, "weight_decay": 0.0 if no_decay else hp.weight_decay,
-                         "lr": hp.lr * (hp.encoder_lr_scale if is_encoder else 1.0)}
-                        for (is_encoder, no_decay), params in groups.items()]
+                         "lr": hp.lr * scale[kind]} for (kind, no_decay), params in groups.items()]
         optimizer = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total // 2)

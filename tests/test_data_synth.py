@@ -105,7 +105,7 @@ def test_answers_and_types_are_balanced(tmp_path):
     examples = [row for row in rows if "type" in row]
     assert len(examples) == 200
     kinds = Counter(row["type"].split("/")[0] for row in examples)
-    assert kinds == {"image": 80, "audio": 70, "both": 50}  # 40 / 35 / 25 %
+    assert kinds == {"image": 54, "audio": 76, "both": 70}  # 27 / 38 / 35 %
     for qtype, answers in summary["splits"]["train"]["answers"].items():
         expected = {"image/color": 4, "image/shape": 3, "image/count": 3, "audio/count": 4, "audio/pitch": 2,
                     "both/compare": 2}[qtype]

@@ -96,3 +96,14 @@ def test_pipeline_answers_paths_objects_and_batches(trained, tmp_path):
             qa("q", video="x.mp4")
     finally:
         qa.close()
+
+
+def test_validate_test_and_predict_subcommands(trained, capsys):
+    tmp, data, config = trained
+    ckpt = str(tmp / "run" / "checkpoints" / "last.ckpt")
+    assert main(["validate", "--config", str(config), "--ckpt_path", ckpt]) == 0
+    assert main(["test", "--config", str(config), "--ckpt_path", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert "test/answer_acc" in out and "val/answer_acc" in out
+    assert main(["predict", "--config", str(config), "--ckpt_path", ckpt,
+                 "--data.predict_manifest", str(data / "test.jsonl")]) == 0
