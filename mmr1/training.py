@@ -56,11 +56,13 @@ class MMR1LightningModule(L.LightningModule):
         self.model = MultimodalR1(self.model_config)
         if init_from:
             self._load_init(init_from)
-        self.save_hyperparameters({"model_config": self.model_config.to_dict(), "tokenizer": str(tokenizer),
+        # The init arguments as plain data: loggers show them, LightningCLI re-applies them for `--ckpt_path`,
+        # and checkpoints stay loadable with torch.load(weights_only=True).
+        self.save_hyperparameters({"tokenizer": str(tokenizer), "backbone": config_to_dict(backbone),
+                                   "encoders": {k: config_to_dict(v) for k, v in encoders.items()},
                                    "init_from": init_from, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
-                                   "gate_lr_scale": gate_lr_scale,
-                                   "weight_decay": weight_decay, "betas": list(betas),
-                                   "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+                                   "gate_lr_scale": gate_lr_scale, "weight_decay": weight_decay,
+                                   "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
         self.aux_loss_coef = backbone.moe.aux_loss_coef if backbone.moe else 0.0
         self._step_started = 0.0
 

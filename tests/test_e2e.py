@@ -92,6 +92,12 @@ def test_pipeline_answers_paths_objects_and_batches(trained, tmp_path):
         empty.write_bytes(b"")
         with pytest.raises(InputError, match=r"batch item 1.*empty\.wav"):
             qa(["q", "q"], audio=[str(wavs[0]), str(empty)])
+        tiny = tmp_path / "tiny.png"
+        Image.new("RGB", (1, 1), "red").save(tiny)
+        with pytest.raises(InputError, match=r"batch item 1.*tiny\.png"):
+            qa(["q", "q"], image=[str(images[0]), str(tiny)])
+        with pytest.raises(InputError, match="missing.png"):
+            qa("q", image=str(tmp_path / "missing.png"))
         with pytest.raises(TypeError, match="unknown input"):
             qa("q", video="x.mp4")
     finally:

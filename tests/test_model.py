@@ -115,3 +115,19 @@ def test_readme_plugin_example_runs(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4), dtype=np.float32))
     with pytest.raises(InputError, match="bad.npy"):
         encoder.processor(str(tmp_path / "bad.npy"))
+
+
+def test_frozen_encoder_gets_no_gradients_and_stays_in_eval():
+    cfg = tiny_config()
+    cfg.encoders["image"].freeze = True
+    model = MultimodalR1(cfg).train()
+    assert not model.encoders["image"].training and model.encoders["audio"].training
+    assert not any(p.requires_grad for p in model.encoders["image"].parameters())
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.cross_attn.gate.fill_(0.5)
+    out = model(torch.randint(0, 64, (3, 10)), modalities=batch_inputs(model))
+    out.logits.sum().backward()
+    assert all(p.grad is None for p in model.encoders["image"].parameters())
+    assert any(p.grad is not None for p in model.encoders["audio"].parameters())
+    assert model.projectors["image"].fc1.weight.grad is not None
