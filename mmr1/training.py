@@ -72,8 +72,8 @@ class MMR1LightningModule(L.LightningModule):
         self.save_hyperparameters({"tokenizer": str(tokenizer), "backbone": config_to_dict(backbone),
                                    "encoders": {k: config_to_dict(v) for k, v in encoders.items()},
                                    "init_from": init_from, "init_from_hf": init_from_hf, "lr": lr,
-                                   "encoder_lr_scale": encoder_lr_scale, "gate_lr_scale": gate_lr_scale, "weight_decay": weight_decay,
-                                   "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+                                   "encoder_lr_scale": encoder_lr_scale, "gate_lr_scale": gate_lr_scale,
+                                   "weight_decay": weight_decay, "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
         self.aux_loss_coef = backbone.moe.aux_loss_coef if backbone.moe else 0.0
         self._step_started = 0.0
 
