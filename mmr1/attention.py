@@ -74,7 +74,8 @@ def attention_mask_for(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, layer_idx: int = 0, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, layer_idx: int = 0, dropout: float = 0.0,
+                 qkv_bias: bool = False):
         super().__init__()
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError(f"SelfAttention: need dim % n_heads == 0 and n_heads % n_kv_heads == 0, "
@@ -84,9 +85,13 @@ class SelfAttention(nn.Module):
         self.head_dim = dim // n_heads
         self.layer_idx = layer_idx  # which slot of a KVCache this layer owns
         self.dropout = dropout
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        # q/k/v biases (Qwen2) start at zero so that a fresh model matches its bias-free counterpart.
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        if qkv_bias:
+            for proj in (self.wq, self.wk, self.wv):
+                nn.init.zeros_(proj.bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,

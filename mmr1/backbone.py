@@ -40,7 +40,7 @@ class DecoderBlock(nn.Module):
         self.cross_attn = (GatedCrossAttention(cfg.dim, cfg.cross_attn_heads, cfg.norm_eps)
                            if layer_idx in cfg.cross_attn_layers else None)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, layer_idx, cfg.dropout)
+        self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, layer_idx, cfg.dropout, cfg.attention_bias)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.dim, cfg.ffn_hidden)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -87,6 +87,13 @@ class R1Model(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         self.init_weights()
+
+    @classmethod
+    def from_hf(cls, local_dir: str, max_seq_len: int | None = None) -> "R1Model":
+        """Import a transformers Llama / Qwen2 / Mixtral / Qwen2-MoE checkpoint (config.json + safetensors) from
+        a local directory, exactly, or refuse with an error naming what R1 can't express. See mmr1.hf_interop."""
+        from mmr1.hf_interop import load_hf_checkpoint
+        return load_hf_checkpoint(local_dir, max_seq_len=max_seq_len)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

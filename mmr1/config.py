@@ -60,6 +60,8 @@ class MoEConfig:
     norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
     route_scale: float = 1.0
     aux_loss_coef: float = 0.01  # weight of the switch/GShard load-balancing loss in the training loss
+    shared_expert_hidden: int = 0  # total width of the shared experts; 0 = num_shared_experts * expert_hidden
+    shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(w . x) per token (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         if self.num_experts % self.num_groups:
@@ -71,6 +73,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: top_k={self.top_k} exceeds the experts in the kept groups")
         if self.score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"MoEConfig: score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        if self.shared_expert_hidden < 0:
+            raise ValueError(f"MoEConfig: shared_expert_hidden={self.shared_expert_hidden} must be >= 0")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("MoEConfig: shared_expert_gate needs num_shared_experts >= 1")
 
 
 @dataclass
@@ -92,6 +98,7 @@ class R1Config:
     cross_attn_heads: int = 4
     tie_embeddings: bool = True
     dropout: float = 0.0
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2); the output projection has none
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:

@@ -138,7 +138,10 @@ class MoEFeedForward(nn.Module):
         self.router = Router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden)
         # n shared SwiGLU experts of width h sum to exactly one SwiGLU of width n * h, so keep one.
-        self.shared = SwiGLU(dim, cfg.num_shared_experts * cfg.expert_hidden) if cfg.num_shared_experts else None
+        shared_hidden = cfg.shared_expert_hidden or cfg.num_shared_experts * cfg.expert_hidden
+        self.shared = SwiGLU(dim, shared_hidden) if cfg.num_shared_experts else None
+        # Qwen2-MoE lets each token scale the shared experts' contribution by a sigmoid gate.
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         """x (B, L, D); token_mask (B, L) bool, True = real token. Returns out (B, L, D) and the aux stats."""
@@ -154,5 +157,8 @@ class MoEFeedForward(nn.Module):
         expert_out = expert_out * routing.weights.reshape(-1)[order, None].to(expert_out.dtype)
         out = expert_out.new_zeros(B * L, D).index_add_(0, slot_tokens, expert_out)  # combine the k slots
         if self.shared is not None:
-            out = out + self.shared(flat)
+            shared = self.shared(flat)  # (N, D)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared  # (N, 1) gate per token
+            out = out + shared
         return out.view(B, L, D), routing.aux

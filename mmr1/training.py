@@ -34,6 +34,7 @@ def answer_exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 class MMR1LightningModule(L.LightningModule):
     def __init__(self, tokenizer: str, backbone: Optional[R1Config] = None,
                  encoders: Optional[dict[str, EncoderConfig]] = None, init_from: Optional[str] = None,
+                 init_from_hf: Optional[str] = None,
                  lr: float = 1e-3, encoder_lr_scale: float = 1.0, gate_lr_scale: float = 1.0,
                  weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, min_lr_ratio: float = 0.1):
@@ -43,6 +44,9 @@ class MMR1LightningModule(L.LightningModule):
                 encoders are added, and the backbone's vocab_size follows the tokenizer.
             backbone: the R1 backbone config. encoders: {modality key: EncoderConfig}.
             init_from: an exported model directory to start from (its weights; the config above must match).
+            init_from_hf: a local transformers checkpoint (Llama / Qwen2 / Mixtral / Qwen2-MoE) whose weights start
+                the backbone; its architecture comes from the checkpoint, `backbone` adds cross-attention layers
+                (and max_seq_len / dropout). The tokenizer must be the checkpoint's (see backbone_config_from_hf).
             lr: peak learning rate; encoders train at lr * encoder_lr_scale, and the cross-attention gates at
                 lr * gate_lr_scale (a scalar gate starting at 0 opens slowly at the network's learning rate).
         """
@@ -50,19 +54,26 @@ class MMR1LightningModule(L.LightningModule):
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
         encoders = dict(encoders or {})
         self.tokenizer.add_modalities(list(encoders))
-        backbone = backbone or R1Config()
-        backbone.vocab_size = self.tokenizer.vocab_size
+        if init_from_hf:
+            from mmr1.hf_interop import backbone_config_from_hf
+            backbone = backbone_config_from_hf(init_from_hf, backbone, self.tokenizer.vocab_size)
+        else:
+            backbone = backbone or R1Config()
+            backbone.vocab_size = self.tokenizer.vocab_size
         self.model_config = MultimodalConfig(backbone=backbone, encoders=encoders)
         self.model = MultimodalR1(self.model_config)
+        if init_from_hf:
+            from mmr1.hf_interop import load_hf_weights
+            load_hf_weights(self.model.backbone, init_from_hf)
         if init_from:
             self._load_init(init_from)
         # The init arguments as plain data: loggers show them, LightningCLI re-applies them for `--ckpt_path`,
         # and checkpoints stay loadable with torch.load(weights_only=True).
         self.save_hyperparameters({"tokenizer": str(tokenizer), "backbone": config_to_dict(backbone),
                                    "encoders": {k: config_to_dict(v) for k, v in encoders.items()},
-                                   "init_from": init_from, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
-                                   "gate_lr_scale": gate_lr_scale, "weight_decay": weight_decay,
-                                   "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+                                   "init_from": init_from, "init_from_hf": init_from_hf, "lr": lr,
+                                   "encoder_lr_scale": encoder_lr_scale, "gate_lr_scale": gate_lr_scale,
+                                   "weight_decay": weight_decay, "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
         self.aux_loss_coef = backbone.moe.aux_loss_coef if backbone.moe else 0.0
         self._step_started = 0.0
 
