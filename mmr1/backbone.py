@@ -31,6 +31,7 @@ class R1Output:
     aux_loss: torch.Tensor  # () sum of the MoE layers' load-balancing losses (0 without MoE); not yet scaled by coef
     tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # one (E,) count per MoE layer
     hidden_states: torch.Tensor | None = None  # (B, L, D) final-normed states the logits are computed from
+    moe_aux: list[MoEAux] = field(default_factory=list)  # per MoE layer: its losses and routing telemetry
 
 
 class DecoderBlock(nn.Module):
@@ -56,6 +57,7 @@ class DecoderBlock(nn.Module):
         aux = None
         if isinstance(self.ffn, MoEFeedForward):
             h, aux = self.ffn(h, token_mask)
+            aux.layer_idx = self.layer_idx
         else:
             h = self.ffn(h)
         return x + self.resid_dropout(h), aux
@@ -169,16 +171,18 @@ class R1Model(nn.Module):
         cos, sin = self.rope(position_ids)  # (B, 1, L, Dh)
 
         x = self.tok_embeddings(input_ids)  # (B, L, D)
-        aux_losses, tokens_per_expert = [], []
+        aux_losses, tokens_per_expert, moe_aux = [], [], []
         for block in self.layers:
             x, aux = block(x, cos, sin, attn_mask, attention_mask, cross_states, cross_mask, cache)
             if aux is not None:
                 aux_losses.append(aux.aux_loss)
                 tokens_per_expert.append(aux.tokens_per_expert)
+                moe_aux.append(aux)
         if cache is not None:
             cache.advance(L)
 
         x = self.norm(x)
         logits = self.lm_head(x)  # (B, L, V)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else torch.zeros((), device=logits.device)
-        return R1Output(logits=logits, aux_loss=aux_loss, tokens_per_expert=tokens_per_expert, hidden_states=x)
+        return R1Output(logits=logits, aux_loss=aux_loss, tokens_per_expert=tokens_per_expert, hidden_states=x,
+                        moe_aux=moe_aux)

@@ -62,6 +62,19 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # weight of the switch/GShard load-balancing loss in the training loss
     shared_expert_hidden: int = 0  # total width of the shared experts; 0 = num_shared_experts * expert_hidden
     shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(w . x) per token (Qwen2-MoE)
+    # Dynamic activation: per token, experts in score order until their cumulative normalised probability
+    # reaches `dynamic_threshold`, at least `min_k` (default 1) and at most `max_k` (default top_k) of them.
+    # None: every token takes exactly `top_k`.
+    dynamic_threshold: Optional[float] = None
+    min_k: Optional[int] = None
+    max_k: Optional[int] = None
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3's complementary per-sequence balance loss
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE): mean logsumexp(logits)^2
+    # DeepSeek-V3 aux-loss-free balancing: a per-expert bias added to the scores only to choose experts,
+    # nudged by `bias_update_rate` towards balance after every optimizer step.
+    aux_free_bias: bool = False
+    bias_update_rate: float = 1e-3
+    capacity_factor: Optional[float] = None  # None: dropless; else each expert keeps ceil(cf * N * k / E)
 
     def __post_init__(self) -> None:
         if self.num_experts % self.num_groups:
@@ -77,6 +90,30 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: shared_expert_hidden={self.shared_expert_hidden} must be >= 0")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("MoEConfig: shared_expert_gate needs num_shared_experts >= 1")
+        if self.dynamic_threshold is not None:
+            if not 0.0 < self.dynamic_threshold <= 1.0:
+                raise ValueError(f"MoEConfig: dynamic_threshold={self.dynamic_threshold} must be in (0, 1]")
+            lo, hi = self.k_range
+            if not 1 <= lo <= hi <= self.topk_groups * per_group:
+                raise ValueError(f"MoEConfig: need 1 <= min_k={lo} <= max_k={hi} <= experts in the kept groups "
+                                 f"({self.topk_groups * per_group})")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"MoEConfig: capacity_factor={self.capacity_factor} must be positive (or None)")
+        for name in ("seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MoEConfig: {name}={getattr(self, name)} must be >= 0")
+
+    @property
+    def k_range(self) -> tuple[int, int]:
+        """(fewest, most) routed experts a token can take."""
+        if self.dynamic_threshold is None:
+            return self.top_k, self.top_k
+        return (1 if self.min_k is None else self.min_k), (self.top_k if self.max_k is None else self.max_k)
+
+    @property
+    def slots_per_token(self) -> int:
+        """Static width of the routing tensors (N, slots); dynamic routing marks unused slots with -1."""
+        return self.k_range[1]
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""LightningModule for mmr1: next-token loss on answer tokens + the MoE load-balancing loss.
+"""LightningModule for mmr1: next-token loss on answer tokens + the MoE balancing losses (load-balancing, and
+optionally sequence-wise and router z-loss, each weighted by its MoEConfig coef); after every optimizer step the
+aux-loss-free routers' selection bias moves towards balance by the expert load the step observed.
 
 AdamW with linear warmup then cosine decay, gradient clipping from the Trainer, and logs of loss, aux loss,
 teacher-forced answer accuracy (per question type on validation) and tokens/s.
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 
 from mmr1.config import R1Config, config_to_dict
 from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
+from mmr1.moe import MoEAux, MoEFeedForward
+from mmr1.telemetry import MOE_OUTPUTS_KEY
 from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
 
 
@@ -29,6 +33,12 @@ def answer_exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     supervised = targets != IGNORE_INDEX
     correct = (logits.argmax(-1) == targets) | ~supervised
     return correct.all(dim=1) & supervised.any(dim=1)
+
+
+def summed_moe_loss(moe_aux: list[MoEAux], name: str, like: torch.Tensor) -> torch.Tensor:
+    """One unweighted MoE loss (a field of MoEAux) summed over the MoE layers; 0 without MoE."""
+    losses = [getattr(aux, name) for aux in moe_aux if getattr(aux, name) is not None]
+    return torch.stack(losses).sum() if losses else like.new_zeros(())
 
 
 class MMR1LightningModule(L.LightningModule):
@@ -72,9 +82,14 @@ class MMR1LightningModule(L.LightningModule):
         self.save_hyperparameters({"tokenizer": str(tokenizer), "backbone": config_to_dict(backbone),
                                    "encoders": {k: config_to_dict(v) for k, v in encoders.items()},
                                    "init_from": init_from, "init_from_hf": init_from_hf, "lr": lr,
-                                   "encoder_lr_scale": encoder_lr_scale, "gate_lr_scale": gate_lr_scale,
-                                   "weight_decay": weight_decay, "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
-        self.aux_loss_coef = backbone.moe.aux_loss_coef if backbone.moe else 0.0
+                                   "encoder_lr_scale": encoder_lr_scale, "gate_lr_scale": gate_lr_scale, "weight_decay": weight_decay,
+                                   "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+        moe = backbone.moe
+        self.aux_loss_coef = moe.aux_loss_coef if moe else 0.0
+        self.seq_aux_loss_coef = moe.seq_aux_loss_coef if moe else 0.0
+        self.z_loss_coef = moe.z_loss_coef if moe else 0.0
+        # Per MoE layer, the expert loads the router chose since the last optimizer step (aux-free balancing).
+        self._expert_load: list[torch.Tensor] = []
         self._step_started = 0.0
 
     def _load_init(self, directory: str) -> None:
@@ -89,23 +104,36 @@ class MMR1LightningModule(L.LightningModule):
         return self.model.processors()
 
     # ---- steps ------------------------------------------------------------------------------------
-    def _forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("modalities"))
         targets = shifted_targets(batch["labels"])
         lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return {"lm_loss": lm_loss, "aux_loss": out.aux_loss, "loss": lm_loss + self.aux_loss_coef * out.aux_loss,
-                "correct": answer_exact_match(out.logits, targets)}
+        seq_aux_loss = summed_moe_loss(out.moe_aux, "seq_aux_loss", lm_loss)
+        z_loss = summed_moe_loss(out.moe_aux, "z_loss", lm_loss)
+        loss = lm_loss + self.aux_loss_coef * out.aux_loss
+        if self.seq_aux_loss_coef:  # only when enabled, so the default loss is exactly what it always was
+            loss = loss + self.seq_aux_loss_coef * seq_aux_loss
+        if self.z_loss_coef:
+            loss = loss + self.z_loss_coef * z_loss
+        return {"lm_loss": lm_loss, "aux_loss": out.aux_loss, "seq_aux_loss": seq_aux_loss, "z_loss": z_loss,
+                "loss": loss, "correct": answer_exact_match(out.logits, targets),
+                "moe_aux": out.moe_aux, "expert_load": [aux.tokens_per_expert for aux in out.moe_aux]}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         out = self._forward(batch)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["lm_loss"], prog_bar=True, batch_size=bs)
         self.log("train/aux_loss", out["aux_loss"], batch_size=bs)
+        if self.model_config.backbone.moe is not None:
+            self.log("train/seq_aux_loss", out["seq_aux_loss"], batch_size=bs)
+            self.log("train/z_loss", out["z_loss"], batch_size=bs)
+            self._accumulate_expert_load(out["expert_load"])
         self.log("train/answer_acc", out["correct"].float().mean(), prog_bar=True, batch_size=bs)
-        return out["loss"]
+        # Routing records ride along to callbacks (mmr1.telemetry.ExpertTelemetry reads them).
+        return {"loss": out["loss"], MOE_OUTPUTS_KEY: out["moe_aux"]}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
@@ -168,6 +196,27 @@ class MMR1LightningModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- aux-loss-free balancing: the routers' selection bias follows the load each optimizer step saw ----
+    def _accumulate_expert_load(self, loads: list[torch.Tensor]) -> None:
+        """Sum the per-layer expert loads of the micro-batches that make up one optimizer step."""
+        if not self._expert_load:
+            self._expert_load = [load.detach().clone() for load in loads]
+        else:
+            self._expert_load = [total + load.detach() for total, load in zip(self._expert_load, loads)]
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_expert_biases()
+
+    def update_expert_biases(self) -> None:
+        """Nudge each aux-free router's bias by the load observed since the last optimizer step (summed over
+        data-parallel ranks, so every rank applies the same update), then start counting afresh."""
+        loads, self._expert_load = self._expert_load, []
+        routers = [block.ffn.router for block in self.model.backbone.layers if isinstance(block.ffn, MoEFeedForward)]
+        for router, load in zip(routers, loads):
+            if router.cfg.aux_free_bias:
+                router.update_bias(self.trainer.strategy.reduce(load.float(), reduce_op="sum"))
 
     # ---- checkpoints carry what export needs, as plain data ---------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ def tiny_demo_config(tmp_path: Path, data_dir: Path, *, max_steps: int = 4, extr
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
             cb["init_args"]["every_n_train_steps"] = 2
+        if cb["class_path"].endswith("ExpertTelemetry"):
+            cb["init_args"]["every_n_steps"] = 2
     model = cfg["model"]
     model["tokenizer"] = str(data_dir / "tokenizer.json")
     model["warmup_steps"] = 1

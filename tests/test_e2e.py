@@ -33,7 +33,12 @@ def test_fit_writes_checkpoints_and_logs(trained):
     checkpoint = read_checkpoint(ckpt)  # weights_only=True load
     assert checkpoint["global_step"] == 4
     metrics = list((tmp / "run" / "logs").rglob("metrics.csv"))
-    assert metrics and "train/loss" in metrics[0].read_text().splitlines()[0]
+    header = metrics[0].read_text().splitlines()[0]
+    assert metrics and "train/loss" in header
+    # expert telemetry from configs/demo.yaml: per-layer load metrics and heatmaps in the log dir
+    assert "moe/layer1/imbalance" in header
+    heatmaps = list((tmp / "run" / "logs").rglob("expert_load/step*.png"))
+    assert len(heatmaps) >= 2
 
 
 def test_resume_from_last_continues(trained):
