@@ -203,3 +203,30 @@ def test_init_from_hf_refuses_conflicting_backbone_fields_and_a_larger_tokenizer
     transformers.LlamaForCausalLM(llama(vocab_size=vocab - 1)).save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match=f"tokenizer has {vocab} ids.*vocab_size is {vocab - 1}"):
         MMR1LightningModule(tokenizer=tok_path, init_from_hf=str(tmp_path / "small"))
+
+
+def test_multimodal_fit_from_hf_backbone_named_in_yaml(tmp_path):
+    """`model.init_from_hf` in a training YAML: the CLI trains an image+audio model on an imported Mixtral."""
+    import yaml
+
+    from data_pipelines.synth import synthesize
+    from e2e_utils import tiny_demo_config
+    from mmr1.checkpoint import read_checkpoint
+    from mmr1.cli import main
+    from mmr1.tokenizer import R1Tokenizer
+
+    data = tmp_path / "data"
+    synthesize(data, num_train=8, num_val=4, num_test=4, text_records=2, seed=3)
+    vocab = R1Tokenizer.from_file(data / "tokenizer.json").vocab_size
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(mixtral(vocab_size=vocab)).save_pretrained(tmp_path / "hf")
+    config_path = tiny_demo_config(tmp_path, data, max_steps=2)
+    config = yaml.safe_load(config_path.read_text())
+    # the checkpoint defines the architecture; the YAML names it and adds only the cross-attention layers
+    config["model"]["init_from_hf"] = str(tmp_path / "hf")
+    config["model"]["backbone"] = {"cross_attn_layers": [1, 2], "cross_attn_heads": 2, "max_seq_len": 64}
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["fit", "--config", str(config_path)]) == 0
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    backbone = checkpoint["mmr1"]["config"]["backbone"]
+    assert backbone["dim"] == 64 and backbone["moe"]["num_experts"] == 8 and backbone["cross_attn_layers"] == [1, 2]
