@@ -1,0 +1,106 @@
+"""SwiGLU experts over tokens already sorted by expert: grouped GEMM, a padded-bmm fallback, and the loop reference.
+
+Every function takes the same arguments and returns the same thing:
+    x (M, D) rows sorted by expert, counts (E,) rows per expert (sum == M),
+    w_gate, w_up (E, D, H), w_down (E, H, D)  ->  (M, D),  row i = w_down[e]ᵀ(silu(x_i w_gate[e]) * x_i w_up[e]).
+Autograd flows through all of them (x and the three weights); none runs a Python loop over experts except
+`loop_swiglu`, which is kept as the readable reference the fast paths are tested against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def loop_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                w_down: torch.Tensor) -> torch.Tensor:
+    """Reference: one matmul per expert that has rows (host sync on counts)."""
+    outputs = []
+    for e, rows in enumerate(x.split(counts.tolist())):
+        if rows.shape[0] == 0:
+            continue
+        hidden = F.silu(rows @ w_gate[e]) * (rows @ w_up[e])  # (M_e, H)
+        outputs.append(hidden @ w_down[e])  # (M_e, D)
+    return torch.cat(outputs) if outputs else x.new_zeros(x.shape)
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """(E,) counts -> (E,) int32 end offset of each expert's rows, the layout torch._grouped_mm expects."""
+    return counts.cumsum(0).to(torch.int32)
+
+
+def grouped_mm_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                      w_down: torch.Tensor) -> torch.Tensor:
+    """Three grouped GEMMs (torch._grouped_mm): each expert multiplies only its own contiguous rows.
+
+    grouped_mm is not autocast-aware and wants one dtype, so under autocast everything is cast to the autocast
+    dtype here, as autocast would do for a plain matmul.
+    """
+    dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+             else w_gate.dtype)
+    x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    offs = _offsets(counts)
+    hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offs)) * torch._grouped_mm(x, w_up, offs=offs)  # (M, H)
+    return torch._grouped_mm(hidden, w_down, offs=offs)  # (M, D)
+
+
+def padded_bmm_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                      w_down: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """Fallback: scatter each expert's rows into a zero-padded (E, C, D) block (C = the largest count), run
+    three batched matmuls, gather the real rows back. Padding rows are zero, so they add nothing to the
+    weight gradients; costs one host sync (C) and E * C - M wasted rows."""
+    M, D = x.shape
+    E = counts.shape[0]
+    if capacity is None:
+        capacity = int(counts.max()) if M else 0
+    starts = counts.cumsum(0) - counts  # (E,) first row of each expert
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)  # (M,)
+    slot = expert_of_row * capacity + torch.arange(M, device=x.device) - starts[expert_of_row]  # (M,) in E*C
+    padded = x.new_zeros(E * capacity, D).index_copy(0, slot, x).view(E, capacity, D)  # (E, C, D)
+    hidden = F.silu(torch.bmm(padded, w_gate)) * torch.bmm(padded, w_up)  # (E, C, H)
+    out = torch.bmm(hidden, w_down)  # (E, C, D)
+    return out.reshape(E * capacity, D)[slot]  # (M, D)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm has a kernel here: CUDA bf16 on SM80+; CPU (a C++ loop of mm) for fp32/bf16."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+
+
+def grouped_mm_fits(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides and data pointers (e.g. fp32 widths % 4 == 0)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return all(t.shape[-1] * size % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+# Measured on CPU (benchmarks/moe.py, 128 experts x ~64 rows, fwd+bwd): in bf16 (oneDNN/AMX bmm) the padded bmm
+# beat torch._grouped_mm by ~1.5x while the padding stayed small; in fp32 grouped_mm was ~10% faster. When one
+# expert takes far more rows than the rest, padding multiplies the work, so bf16 switches to grouped_mm too.
+MAX_PADDING_WASTE = 2.0  # padded rows E * C allowed per real row before the CPU switches to grouped_mm
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """The fastest correct path for x's device and dtype: grouped GEMM on CUDA and for fp32 on CPU, padded bmm
+    for bf16 on CPU while the padding is cheap, padded bmm wherever grouped GEMM has no kernel."""
+    dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+             else w_gate.dtype)
+    grouped_ok = grouped_mm_available(x.device, dtype) and grouped_mm_fits(dtype, x, w_gate, w_up, w_down)
+    if grouped_ok and (x.device.type != "cpu" or dtype == torch.float32):
+        return grouped_mm_swiglu(x, counts, w_gate, w_up, w_down)
+    capacity = int(counts.max()) if x.shape[0] else 0  # the one host sync
+    if grouped_ok and counts.shape[0] * capacity > MAX_PADDING_WASTE * x.shape[0]:
+        return grouped_mm_swiglu(x, counts, w_gate, w_up, w_down)
+    return padded_bmm_swiglu(x, counts, w_gate, w_up, w_down, capacity)
+
+
+def cpu_path(dtype: torch.dtype) -> str:
+    """Which kernel grouped_swiglu uses on CPU for this dtype under a balanced load (reported by the benchmark)."""
+    if grouped_mm_available(torch.device("cpu"), dtype) and dtype == torch.float32:
+        return "grouped_mm"
+    return "padded_bmm (grouped_mm when padding > 2x)" if grouped_mm_available(torch.device("cpu"), dtype) \
+        else "padded_bmm"

@@ -1,0 +1,146 @@
+"""Grouped-GEMM and padded-bmm SwiGLU experts against the per-expert loop reference, and the benchmark smoke run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmr1 import moe_kernels
+from mmr1.moe import GroupedExperts
+from mmr1.moe_kernels import (MAX_PADDING_WASTE, grouped_mm_available, grouped_mm_fits, grouped_mm_swiglu,
+                              grouped_swiglu, loop_swiglu, padded_bmm_swiglu)
+
+FAST_PATHS = {"grouped_swiglu": grouped_swiglu, "padded_bmm": padded_bmm_swiglu, "grouped_mm": grouped_mm_swiglu}
+COUNTS = {
+    "uneven_with_empty_experts": [3, 0, 7, 1, 0, 5],
+    "one_expert": [9],
+    "all_rows_in_one_expert": [0, 0, 6, 0],
+    "last_expert_empty": [2, 4, 0],
+}
+D, H = 16, 8  # 16-byte aligned rows in fp32 and bf16, as torch._grouped_mm requires
+
+
+def case(counts: list[int], dtype: torch.dtype, seed: int = 0, hidden: int = H):
+    g = torch.Generator().manual_seed(seed)
+    H = hidden
+    E, M = len(counts), sum(counts)
+    x = torch.randn(M, D, generator=g).to(dtype).requires_grad_(True)
+    weights = [(torch.randn(E, a, b, generator=g) / a ** 0.5).to(dtype).requires_grad_(True)
+               for a, b in ((D, H), (D, H), (H, D))]
+    return x, torch.tensor(counts), weights
+
+
+def outputs_and_grads(fn, x, counts, weights, grad_out=None):
+    out = fn(x, counts, *weights)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype) if grad_out is None \
+        else grad_out
+    return out, torch.autograd.grad(out, [x, *weights], grad_out)
+
+
+def skip_unsupported(path: str, dtype: torch.dtype) -> None:
+    if path == "grouped_mm" and not grouped_mm_available(torch.device("cpu"), dtype):
+        pytest.skip(f"torch._grouped_mm has no CPU kernel for {dtype} in torch {torch.__version__}")
+
+
+@pytest.mark.parametrize("path", list(FAST_PATHS))
+@pytest.mark.parametrize("layout", list(COUNTS))
+def test_fast_paths_match_loop_forward_and_all_gradients_fp32(path, layout):
+    skip_unsupported(path, torch.float32)
+    x, counts, weights = case(COUNTS[layout], torch.float32)
+    out, grads = outputs_and_grads(FAST_PATHS[path], x, counts, weights)
+    ref, ref_grads = outputs_and_grads(loop_swiglu, x, counts, weights)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, g, r in zip(("x", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("path", list(FAST_PATHS))
+def test_fast_paths_match_loop_bf16(path):
+    skip_unsupported(path, torch.bfloat16)
+    x, counts, weights = case(COUNTS["uneven_with_empty_experts"], torch.bfloat16)
+    out, grads = outputs_and_grads(FAST_PATHS[path], x, counts, weights)
+    ref, ref_grads = outputs_and_grads(loop_swiglu, x, counts, weights)
+    assert out.dtype == torch.bfloat16
+    # bf16 has an 8-bit mantissa: allow a few rounding steps of difference in accumulation order.
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=2e-2, rtol=2e-2)
+
+
+def test_experts_with_zero_rows_get_exactly_zero_weight_gradient():
+    x, counts, weights = case(COUNTS["uneven_with_empty_experts"], torch.float32)
+    _, (_, d_gate, d_up, d_down) = outputs_and_grads(grouped_swiglu, x, counts, weights)
+    for empty in (1, 4):
+        assert d_gate[empty].abs().max() == 0 and d_up[empty].abs().max() == 0 and d_down[empty].abs().max() == 0
+
+
+def test_unaligned_width_falls_back_to_padded_bmm():
+    x, counts, weights = case(COUNTS["uneven_with_empty_experts"], torch.float32, hidden=6)  # 24-byte rows
+    assert not grouped_mm_fits(torch.float32, *weights)
+    out, grads = outputs_and_grads(grouped_swiglu, x, counts, weights)
+    ref, ref_grads = outputs_and_grads(loop_swiglu, x, counts, weights)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("counts,expected_path", [([40, 1, 1, 1], "grouped_mm"), ([3, 2, 4, 3], "padded_bmm")])
+def test_cpu_bf16_picks_grouped_mm_only_when_padding_would_be_wasteful(monkeypatch, counts, expected_path):
+    # [40, 1, 1, 1]: padding to (4, 40) would almost quadruple the work, so grouped_mm runs; [3, 2, 4, 3] pads
+    # 12 rows to 16 and stays on the bmm path. Either way the result is the loop's.
+    assert (4 * max(counts) > MAX_PADDING_WASTE * sum(counts)) == (expected_path == "grouped_mm")
+    calls = []
+    real = moe_kernels.grouped_mm_swiglu
+    monkeypatch.setattr(moe_kernels, "grouped_mm_swiglu", lambda *a: calls.append(1) or real(*a))
+    x, counts, weights = case(counts, torch.bfloat16)
+    out, grads = outputs_and_grads(grouped_swiglu, x, counts, weights)
+    assert bool(calls) == (expected_path == "grouped_mm")
+    ref, ref_grads = outputs_and_grads(loop_swiglu, x, counts, weights)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=2e-2, rtol=2e-2)
+
+
+def test_no_rows_at_all():
+    x, counts, weights = case([0, 0, 0], torch.float32)
+    for fn in (grouped_swiglu, padded_bmm_swiglu, loop_swiglu):
+        assert fn(x, counts, *weights).shape == (0, D)
+
+
+def test_grouped_experts_module_uses_the_fast_path_and_matches_the_loop():
+    torch.manual_seed(0)
+    experts = GroupedExperts(num_experts=5, dim=D, hidden=H)
+    counts = torch.tensor([4, 0, 2, 7, 1])
+    x = torch.randn(int(counts.sum()), D)
+    weights = [experts.w_gate, experts.w_up, experts.w_down]
+    torch.testing.assert_close(experts(x, counts), loop_swiglu(x, counts, *weights), atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_bf16_matches_the_loop_under_autocast():
+    x, counts, weights = case(COUNTS["uneven_with_empty_experts"], torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = outputs_and_grads(grouped_swiglu, x, counts, weights)
+        ref, ref_grads = outputs_and_grads(loop_swiglu, x, counts, weights)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads)  # fp32 master weights get fp32 gradients
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=2e-2, rtol=2e-2)
+
+
+def test_benchmark_quick_run_writes_table_and_json(tmp_path):
+    from benchmarks.moe import main
+
+    result = main(["--quick", "--out", str(tmp_path / "moe")])  # asserts parity with transformers before timing
+    saved = json.loads((tmp_path / "moe.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    impls = {(r["model"], r["impl"]) for r in saved["rows"]}
+    for model in ("mixtral", "qwen2_moe"):
+        assert {(model, i) for i in ("mmr1", "eager", "grouped_mm", "batched_mm")} <= impls
+    for r in saved["rows"]:
+        assert r["fwd_bwd_tok_s"] > 0 and r["fwd_tok_s"] > 0
+        if r["impl"] not in ("mmr1", "mmr1 (seed routing)"):
+            assert r["ours_over_theirs_fwd_bwd"] > 0
+    assert "| mixtral | fp32 | 2 | eager |" in (tmp_path / "moe.md").read_text()
+    assert saved["dynamic_activation"]["rows"][0]["mean_experts_per_token"] >= 2
