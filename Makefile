@@ -35,3 +35,6 @@ demo: $(STAMP) $(DEMO_DATA)/train.jsonl
 
 clean-demo:
 	rm -rf $(DEMO_RUN)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu

@@ -18,6 +18,7 @@ from torch import nn
 
 from mmr1.config import MoEConfig
 from mmr1.feedforward import SwiGLU
+from mmr1.moe_kernels import grouped_swiglu
 
 
 @dataclass
@@ -236,7 +237,6 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) -> (M, D). Grouped GEMM (or its padded-bmm fallback), no loop
         over experts; `mmr1.moe_kernels.loop_swiglu` is the per-expert reference it is tested against."""
-        from mmr1.moe_kernels import grouped_swiglu  # local import: keeps this module's header untouched
 
         return grouped_swiglu(x, counts, self.w_gate, self.w_up, self.w_down)
 
