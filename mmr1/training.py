@@ -117,7 +117,7 @@ class MMR1LightningModule(L.LightningModule):
             loss = loss + self.z_loss_coef * z_loss
         return {"lm_loss": lm_loss, "aux_loss": out.aux_loss, "seq_aux_loss": seq_aux_loss, "z_loss": z_loss,
                 "loss": loss, "correct": answer_exact_match(out.logits, targets),
-                "moe_aux": out.moe_aux, "expert_load": [aux.tokens_per_expert for aux in out.moe_aux]}
+                "moe_aux": out.moe_aux}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -130,7 +130,7 @@ class MMR1LightningModule(L.LightningModule):
         if self.model_config.backbone.moe is not None:
             self.log("train/seq_aux_loss", out["seq_aux_loss"], batch_size=bs)
             self.log("train/z_loss", out["z_loss"], batch_size=bs)
-            self._accumulate_expert_load(out["expert_load"])
+            self._accumulate_expert_load([aux.tokens_per_expert for aux in out["moe_aux"]])
         self.log("train/answer_acc", out["correct"].float().mean(), prog_bar=True, batch_size=bs)
         # Routing records ride along to callbacks (mmr1.telemetry.ExpertTelemetry reads them).
         return {"loss": out["loss"], MOE_OUTPUTS_KEY: out["moe_aux"]}
