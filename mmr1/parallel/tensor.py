@@ -1,0 +1,143 @@
+"""Tensor parallelism (Megatron-style) for MultimodalR1, as DTensor plans applied by `apply_tensor_parallel`.
+
+Over a 1-D tensor-parallel mesh of size T, every pair "column-wise projection -> local math -> row-wise
+projection" is split by output features / heads, so activations between the pair stay sharded and one
+all-reduce (forward) / one all-reduce (backward) per pair restores the replicated residual stream:
+
+    self-attention        wq, wk, wv column-wise (H/T query, Hkv/T key/value heads per rank), wo row-wise
+    dense SwiGLU MLPs     gate_proj, up_proj column-wise, down_proj row-wise
+    MoE shared experts    the same SwiGLU plan; router, shared gate and routed experts stay replicated
+                          (routed experts are expert parallel's job, see mmr1.parallel.expert)
+    gated cross-attention wq column-wise, wkv column-wise per half ([k; v] rows), wo row-wise
+    MLP projector         fc1 column-wise, fc2 row-wise
+    resampler projector   each layer: wq, wkv (per half), wo like cross-attention; mlp like a dense MLP
+
+Replicated: token embeddings / lm head, norms, encoders, modality embeddings, cross-attention gates, the
+resampler's input projection and latents. Their gradients are identical on every TP rank because each
+column-wise block all-reduces its input gradient.
+
+Attention modules reshape by their head-count attributes, so the transform sets those to the local counts.
+Inference with a KV cache is not covered (the cache is sized from the global config).
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from fusion.cross_attention import GatedCrossAttention
+from fusion.projector import MLPProjector, ResamplerLayer
+from mmr1.attention import SelfAttention
+from mmr1.feedforward import SwiGLU
+
+
+class StackedColwiseParallel(ColwiseParallel):
+    """Column-wise split of a Linear whose output rows are `chunks` stacked projections, e.g. wkv = [wk; wv].
+
+    Plain Shard(0) would give rank 0 all of k and rank 1 all of v. `_StridedShard(0, split_factor=chunks)`
+    splits each chunk across the ranks instead, so a rank holds [k rows of its heads; v rows of its heads] and
+    its local output has the stacked layout the module's `view(..., 2, heads, head_dim)` expects; the
+    parameter keeps its global shape and layout (state dicts and `full_tensor()` are unchanged).
+    """
+
+    def __init__(self, chunks: int = 2):
+        super().__init__()
+        self.chunks = chunks
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for param_name, param in module.named_parameters():
+            placement = _StridedShard(0, split_factor=self.chunks)
+            sharded = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
+            module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        return outputs.to_local()  # (..., chunks * out / (chunks * T)) in the stacked per-rank layout
+
+
+class ReplicatedInput(ParallelStyle):
+    """Mark a module's first argument as replicated over the TP mesh before its column-wise projections see it.
+
+    wq/wk/wv (or gate/up) then share one DTensor input, their partial input gradients add up as one Partial
+    tensor, and the backward needs a single all-reduce instead of one per projection. Unlike
+    PrepareModuleInput this does not fix the number of arguments, so the modules' signatures may grow.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_replicated(_module, args):
+            x = args[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+            return (x, *args[1:])
+
+        module.register_forward_pre_hook(to_replicated)
+        return module
+
+
+def _local_heads(count: int, tp_size: int, field: str) -> int:
+    if count % tp_size:
+        raise ValueError(f"apply_tensor_parallel: {field}={count} is not divisible by the tensor-parallel size "
+                         f"{tp_size}; every rank must hold whole heads")
+    return count // tp_size
+
+
+def _swiglu_plan(prefix: str) -> dict[str, ParallelStyle]:
+    return {prefix: ReplicatedInput(), f"{prefix}.gate_proj": ColwiseParallel(),
+            f"{prefix}.up_proj": ColwiseParallel(), f"{prefix}.down_proj": RowwiseParallel()}
+
+
+def _self_attention_plan(attn: SelfAttention, tp_size: int, prefix: str) -> dict[str, ParallelStyle]:
+    heads = _local_heads(attn.n_heads, tp_size, f"{prefix}.n_heads (backbone.n_heads)")
+    kv_heads = _local_heads(attn.n_kv_heads, tp_size, f"{prefix}.n_kv_heads (backbone.n_kv_heads)")
+    attn.n_heads, attn.n_kv_heads = heads, kv_heads  # forward views by these: local counts from now on
+    return {prefix: ReplicatedInput(), f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wk": ColwiseParallel(),
+            f"{prefix}.wv": ColwiseParallel(), f"{prefix}.wo": RowwiseParallel()}
+
+
+def _cross_attention_plan(attn: GatedCrossAttention, tp_size: int, prefix: str) -> dict[str, ParallelStyle]:
+    attn.n_heads = _local_heads(attn.n_heads, tp_size, f"{prefix}.n_heads (backbone.cross_attn_heads)")
+    return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wkv": StackedColwiseParallel(2),
+            f"{prefix}.wo": RowwiseParallel()}
+
+
+def _resampler_layer_plan(layer: ResamplerLayer, tp_size: int, prefix: str) -> dict[str, ParallelStyle]:
+    layer.heads = _local_heads(layer.heads, tp_size, f"{prefix}.heads (projector.heads)")
+    return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wkv": StackedColwiseParallel(2),
+            f"{prefix}.wo": RowwiseParallel(), f"{prefix}.mlp.0": ColwiseParallel(),
+            f"{prefix}.mlp.2": RowwiseParallel()}
+
+
+def tensor_parallel_plan(model: nn.Module, tp_size: int) -> dict[str, ParallelStyle]:
+    """The {module FQN: style} plan for every supported submodule of `model` (any nn.Module tree, e.g. a
+    MultimodalR1 or a bare R1Model). Sets attention head counts to their per-rank values as it goes."""
+    plan: dict[str, ParallelStyle] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SelfAttention):
+            plan.update(_self_attention_plan(module, tp_size, name))
+        elif isinstance(module, GatedCrossAttention):
+            plan.update(_cross_attention_plan(module, tp_size, name))
+        elif isinstance(module, ResamplerLayer):
+            plan.update(_resampler_layer_plan(module, tp_size, name))
+        elif isinstance(module, MLPProjector):
+            plan.update({f"{name}.fc1": ColwiseParallel(), f"{name}.fc2": RowwiseParallel()})
+        elif isinstance(module, SwiGLU):
+            plan.update(_swiglu_plan(name))  # a dense block's MLP or an MoE layer's shared experts
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard `model` in place over the 1-D `tp_mesh` (see the module docstring) and return it.
+
+    Every rank of the mesh must build the same model and feed the same batch; parameters are scattered from
+    the mesh's first rank. Apply before expert parallel and FSDP (TP -> EP -> FSDP2).
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel: tp_mesh must be 1-D (the tensor-parallel dimension), "
+                         f"got a {tp_mesh.ndim}-D mesh {tp_mesh.mesh_dim_names}")
+    tp_size = tp_mesh.size()
+    if tp_size == 1:
+        return model
+    plan = tensor_parallel_plan(model, tp_size)
+    return parallelize_module(model, tp_mesh, plan)
