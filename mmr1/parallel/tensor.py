@@ -76,11 +76,26 @@ class ReplicatedInput(ParallelStyle):
         return module
 
 
-def _local_heads(count: int, tp_size: int, field: str) -> int:
-    if count % tp_size:
-        raise ValueError(f"apply_tensor_parallel: {field}={count} is not divisible by the tensor-parallel size "
-                         f"{tp_size}; every rank must hold whole heads")
-    return count // tp_size
+# (module type, head-count attribute its forward reshapes by, the config field it comes from)
+_HEAD_ATTRS = ((SelfAttention, "n_heads", "backbone.n_heads"),
+               (SelfAttention, "n_kv_heads", "backbone.n_kv_heads"),
+               (GatedCrossAttention, "n_heads", "backbone.cross_attn_heads"),
+               (ResamplerLayer, "heads", "projector.heads"))
+
+
+def local_head_counts(model: nn.Module, tp_size: int) -> list[tuple[nn.Module, str, int]]:
+    """(module, attribute, per-rank head count) for every attention module; raises before anything changes if
+    a head count does not split evenly over the tensor-parallel ranks."""
+    updates = []
+    for name, module in model.named_modules():
+        for kind, attr, field in _HEAD_ATTRS:
+            if isinstance(module, kind):
+                count = getattr(module, attr)
+                if count % tp_size:
+                    raise ValueError(f"apply_tensor_parallel: {field}={count} (at {name}) is not divisible by the "
+                                     f"tensor-parallel size {tp_size}; every rank must hold whole heads")
+                updates.append((module, attr, count // tp_size))
+    return updates
 
 
 def _swiglu_plan(prefix: str) -> dict[str, ParallelStyle]:
@@ -88,38 +103,28 @@ def _swiglu_plan(prefix: str) -> dict[str, ParallelStyle]:
             f"{prefix}.up_proj": ColwiseParallel(), f"{prefix}.down_proj": RowwiseParallel()}
 
 
-def _self_attention_plan(attn: SelfAttention, tp_size: int, prefix: str) -> dict[str, ParallelStyle]:
-    heads = _local_heads(attn.n_heads, tp_size, f"{prefix}.n_heads (backbone.n_heads)")
-    kv_heads = _local_heads(attn.n_kv_heads, tp_size, f"{prefix}.n_kv_heads (backbone.n_kv_heads)")
-    attn.n_heads, attn.n_kv_heads = heads, kv_heads  # forward views by these: local counts from now on
+def _self_attention_plan(prefix: str) -> dict[str, ParallelStyle]:
     return {prefix: ReplicatedInput(), f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wk": ColwiseParallel(),
             f"{prefix}.wv": ColwiseParallel(), f"{prefix}.wo": RowwiseParallel()}
 
 
-def _cross_attention_plan(attn: GatedCrossAttention, tp_size: int, prefix: str) -> dict[str, ParallelStyle]:
-    attn.n_heads = _local_heads(attn.n_heads, tp_size, f"{prefix}.n_heads (backbone.cross_attn_heads)")
+def _cross_attention_plan(prefix: str) -> dict[str, ParallelStyle]:
     return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wkv": StackedColwiseParallel(2),
             f"{prefix}.wo": RowwiseParallel()}
 
 
-def _resampler_layer_plan(layer: ResamplerLayer, tp_size: int, prefix: str) -> dict[str, ParallelStyle]:
-    layer.heads = _local_heads(layer.heads, tp_size, f"{prefix}.heads (projector.heads)")
-    return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wkv": StackedColwiseParallel(2),
-            f"{prefix}.wo": RowwiseParallel(), f"{prefix}.mlp.0": ColwiseParallel(),
-            f"{prefix}.mlp.2": RowwiseParallel()}
-
-
-def tensor_parallel_plan(model: nn.Module, tp_size: int) -> dict[str, ParallelStyle]:
+def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     """The {module FQN: style} plan for every supported submodule of `model` (any nn.Module tree, e.g. a
-    MultimodalR1 or a bare R1Model). Sets attention head counts to their per-rank values as it goes."""
+    MultimodalR1 or a bare R1Model)."""
     plan: dict[str, ParallelStyle] = {}
     for name, module in model.named_modules():
         if isinstance(module, SelfAttention):
-            plan.update(_self_attention_plan(module, tp_size, name))
+            plan.update(_self_attention_plan(name))
         elif isinstance(module, GatedCrossAttention):
-            plan.update(_cross_attention_plan(module, tp_size, name))
-        elif isinstance(module, ResamplerLayer):
-            plan.update(_resampler_layer_plan(module, tp_size, name))
+            plan.update(_cross_attention_plan(name))
+        elif isinstance(module, ResamplerLayer):  # cross-attention to the inputs + an MLP
+            plan.update({**_cross_attention_plan(name), f"{name}.mlp.0": ColwiseParallel(),
+                         f"{name}.mlp.2": RowwiseParallel()})
         elif isinstance(module, MLPProjector):
             plan.update({f"{name}.fc1": ColwiseParallel(), f"{name}.fc2": RowwiseParallel()})
         elif isinstance(module, SwiGLU):
@@ -139,5 +144,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     tp_size = tp_mesh.size()
     if tp_size == 1:
         return model
-    plan = tensor_parallel_plan(model, tp_size)
-    return parallelize_module(model, tp_mesh, plan)
+    head_counts = local_head_counts(model, tp_size)
+    parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
+    for module, attr, local in head_counts:
+        setattr(module, attr, local)  # the forwards view activations by these: per-rank counts from now on
+    return model
