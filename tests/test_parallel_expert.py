@@ -113,6 +113,14 @@ def _layer_worker(rank: int, world: int) -> None:
                 assert_close(local_grad(param), want, f"{where} grad {name}")
             if case == "all_to_rank1":
                 assert int(ref_load[:2].sum()) == 0
+    # grad_divisor scales only the expert weights' gradients (the mean-over-ranks convention of data parallel)
+    halved = apply_expert_parallel(copy.deepcopy(ref), mesh, grad_divisor=2.0)
+    x, mask, cot = layer_batch(7, 2, 4)
+    layer_loss(halved, x, mask, cot)[0].backward()
+    ep.zero_grad()
+    layer_loss(ep, x, mask, cot)[0].backward()
+    assert_close(local_grad(halved.experts.w_up), local_grad(ep.experts.w_up) / 2, "grad_divisor=2 expert grad")
+    assert_close(halved.router.gate.weight.grad, ep.router.gate.weight.grad, "grad_divisor=2 router grad")
 
 
 @pytest.mark.slow

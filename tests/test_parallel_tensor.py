@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from distributed_spawn import run_on_ranks
 from mmr1.config import MoEConfig, R1Config
@@ -87,10 +87,13 @@ def _tp_worker(rank: int, world: int) -> None:
     assert isinstance(attn.wq.weight, DTensor) and attn.wq.weight.to_local().shape == (16, 32)
     assert isinstance(tp.backbone.layers[1].ffn.shared.down_proj.weight, DTensor)
     assert not isinstance(tp.backbone.layers[1].ffn.experts.w_gate, DTensor)  # routed experts stay replicated
-    wkv = tp.backbone.layers[0].cross_attn.wkv.weight  # rows [k of my heads; v of my heads]
-    full_wkv = ref.backbone.layers[0].cross_attn.wkv.weight
-    assert torch.equal(wkv.to_local(), torch.cat([full_wkv[16 * rank:16 * rank + 16],
-                                                  full_wkv[32 + 16 * rank:32 + 16 * rank + 16]]))
+    # cross-attention's fused [k; v] projection: split over input features, each rank keeps its heads' k and v
+    cross_tp, cross_ref = tp.backbone.layers[0].cross_attn, ref.backbone.layers[0].cross_attn
+    assert cross_tp.wkv.weight.placements == (Shard(1),) and cross_tp.n_heads == 1
+    memory = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        (k_tp, v_tp), (k_ref, v_ref) = cross_tp.memory_kv(memory), cross_ref.memory_kv(memory)  # (B, H, T, Dh)
+    assert (k_tp - k_ref[:, rank:rank + 1]).abs().max() <= TOL and (v_tp - v_ref[:, rank:rank + 1]).abs().max() <= TOL
     ref_state, tp_state = ref.state_dict(), tp.state_dict()
     assert ref_state.keys() == tp_state.keys() and all(ref_state[k].shape == tp_state[k].shape for k in ref_state)
 

@@ -12,7 +12,7 @@ swaps that module for `ExpertParallelExperts`, which keeps the call signature an
 
 The router (and its aux-free bias), the shared experts and every aux loss stay replicated and local: each rank
 routes its own tokens, so ranks may hold different numbers of tokens (mixed-modality batches), including none.
-The backward runs the two all-to-alls in reverse with the split sizes swapped (torch.distributed.nn), so every
+The backward runs the two all-to-alls in reverse with the split sizes swapped (functional collectives), so every
 rank takes part in every collective whatever its batch.
 
 Gradient semantics: after `loss_r.backward()` on every rank r, an expert weight's gradient is
@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from mmr1.moe import GroupedExperts, MoEFeedForward
 from mmr1.moe_kernels import grouped_swiglu
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Autograd-aware all-to-all of rows: the backward sends the gradients back with the splits swapped."""
+    return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, group))
 
 
 def expert_major_order(recv_counts: torch.Tensor, total: int) -> torch.Tensor:
@@ -55,8 +60,11 @@ class ExpertParallelExperts(nn.Module):
     global shapes and keys, `full_tensor()` gathers them, and the local shard is what this rank computes with.
     """
 
-    def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh):
+    def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh, grad_divisor: float = 1.0):
         super().__init__()
+        if grad_divisor <= 0:
+            raise ValueError(f"apply_expert_parallel: grad_divisor={grad_divisor} must be positive")
+        self.grad_divisor = grad_divisor
         if ep_mesh.ndim != 1:
             raise ValueError(f"ExpertParallelExperts: ep_mesh must be 1-D, got {ep_mesh.ndim}-D "
                              f"{ep_mesh.mesh_dim_names}")
@@ -79,6 +87,12 @@ class ExpertParallelExperts(nn.Module):
     def local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
+    def _local(self, weight: DTensor) -> torch.Tensor:
+        local = weight.to_local()
+        if self.grad_divisor != 1.0 and local.requires_grad:
+            local.register_hook(lambda grad: grad / self.grad_divisor)
+        return local
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) rows sorted by (global) expert, counts (E,) rows per expert -> (M, D), like GroupedExperts."""
         P, El = self.ep_size, self.local_experts
@@ -91,23 +105,25 @@ class ExpertParallelExperts(nn.Module):
         send_splits = counts.view(P, El).sum(dim=1).tolist()  # rows to each owner (the host sync of this layer)
         recv_splits = recv_counts.sum(dim=1).tolist()
 
-        received = all_to_all_single(x.new_empty(sum(recv_splits), x.shape[1]), x.contiguous(),
-                                     recv_splits, send_splits, group=group)  # (R, D) source-major
+        received = _all_to_all(x, recv_splits, send_splits, group)  # (R, D) source-major
         order = expert_major_order(recv_counts, received.shape[0])  # (R,)
-        w_gate, w_up, w_down = (w.to_local() for w in (self.w_gate, self.w_up, self.w_down))  # (El, ...)
+        w_gate, w_up, w_down = (self._local(w) for w in (self.w_gate, self.w_up, self.w_down))  # (El, ...)
         out = grouped_swiglu(received[order], recv_counts.sum(dim=0), w_gate, w_up, w_down)  # (R, D) expert-major
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel(), device=order.device)
         out = out[restore]  # (R, D) back to source-major
-        return all_to_all_single(x.new_empty(x.shape[0], out.shape[1]), out.contiguous(),
-                                 send_splits, recv_splits, group=group)  # (M, D)
+        return _all_to_all(out, send_splits, recv_splits, group)  # (M, D)
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, grad_divisor: float = 1.0) -> nn.Module:
     """Shard the routed experts of every MoEFeedForward in `model` over the 1-D `ep_mesh`, in place.
 
     Call it on every rank of the mesh with identically built (or loaded) weights, after tensor parallel and
     before FSDP. Ranks then feed their own batches; all of them must run every forward/backward together.
+    Expert weight gradients are d(sum over the EP ranks' losses)/dW divided by `grad_divisor`: 1 gives the exact
+    sum; when the EP ranks are data-parallel ranks whose other gradients get averaged, pass ep_mesh.size() (and
+    let the outer FSDP average the experts over the remaining data-parallel dim) so all gradients share the
+    mean-over-ranks scale. On NCCL, FSDP2's set_gradient_divide_factor does the same; gloo has no PREMUL_SUM.
     """
     if ep_mesh.ndim != 1:
         raise ValueError(f"apply_expert_parallel: ep_mesh must be 1-D (the expert-parallel dimension), got a "
@@ -116,5 +132,5 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
         return model
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
-            module.experts = ExpertParallelExperts(module.experts, ep_mesh)
+            module.experts = ExpertParallelExperts(module.experts, ep_mesh, grad_divisor)
     return model

@@ -8,9 +8,10 @@ all-reduce (forward) / one all-reduce (backward) per pair restores the replicate
     dense SwiGLU MLPs     gate_proj, up_proj column-wise, down_proj row-wise
     MoE shared experts    the same SwiGLU plan; router, shared gate and routed experts stay replicated
                           (routed experts are expert parallel's job, see mmr1.parallel.expert)
-    gated cross-attention wq column-wise, wkv column-wise per half ([k; v] rows), wo row-wise
+    gated cross-attention wq column-wise, wo row-wise; wkv ([k; v] rows) row-wise, then each rank keeps the k/v
+                          of its heads (StackedHeadsParallel)
     MLP projector         fc1 column-wise, fc2 row-wise
-    resampler projector   each layer: wq, wkv (per half), wo like cross-attention; mlp like a dense MLP
+    resampler projector   each layer: wq, wkv, wo like cross-attention; mlp like a dense MLP
 
 Replicated: token embeddings / lm head, norms, encoders, modality embeddings, cross-attention gates, the
 resampler's input projection and latents. Their gradients are identical on every TP rank because each
@@ -23,9 +24,8 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from fusion.cross_attention import GatedCrossAttention
 from fusion.projector import MLPProjector, ResamplerLayer
@@ -33,28 +33,33 @@ from mmr1.attention import SelfAttention
 from mmr1.feedforward import SwiGLU
 
 
-class StackedColwiseParallel(ColwiseParallel):
-    """Column-wise split of a Linear whose output rows are `chunks` stacked projections, e.g. wkv = [wk; wv].
+class StackedHeadsParallel(ParallelStyle):
+    """For a Linear whose output rows are `chunks` stacked per-head projections, e.g. wkv = [wk; wv]: each rank
+    ends up with [k of its heads; v of its heads], the layout the module's `view(..., 2, heads, head_dim)`
+    expects once its head count is the local one.
 
-    Plain Shard(0) would give rank 0 all of k and rank 1 all of v. `_StridedShard(0, split_factor=chunks)`
-    splits each chunk across the ranks instead, so a rank holds [k rows of its heads; v rows of its heads] and
-    its local output has the stacked layout the module's `view(..., 2, heads, head_dim)` expects; the
-    parameter keeps its global shape and layout (state dicts and `full_tensor()` are unchanged).
+    Splitting the rows column-wise would need a strided placement (rank 0 would otherwise get all of k), and
+    FSDP2 does not compose with one; so the weight is split row-wise (Shard(1), over input features), the partial
+    outputs are all-reduced, and each rank keeps its heads (Replicate -> Shard on the head dim: a local slice
+    forward, an all-gather of the output gradient backward).
     """
 
-    def __init__(self, chunks: int = 2):
+    def __init__(self, chunks: int, heads: int):
         super().__init__()
-        self.chunks = chunks
+        self.chunks, self.heads = chunks, heads
 
-    def _partition_linear_fn(self, name, module, device_mesh):
-        for param_name, param in module.named_parameters():
-            placement = _StridedShard(0, split_factor=self.chunks)
-            sharded = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
-            module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        RowwiseParallel(input_layouts=Replicate(), use_local_output=False)._apply(module, device_mesh)
+        chunks, heads = self.chunks, self.heads
 
-    @staticmethod
-    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        return outputs.to_local()  # (..., chunks * out / (chunks * T)) in the stacked per-rank layout
+        def keep_local_heads(_module, _args, out: DTensor):  # out (..., chunks * heads * Dh), replicated
+            lead = out.shape[:-1]
+            per_head = out.view(*lead, chunks, heads, out.shape[-1] // (chunks * heads))  # (..., c, H, Dh)
+            mine = per_head.redistribute(device_mesh, [Shard(per_head.ndim - 2)]).to_local()  # (..., c, H/T, Dh)
+            return mine.reshape(*lead, -1)
+
+        module.register_forward_hook(keep_local_heads)
+        return module
 
 
 class ReplicatedInput(ParallelStyle):
@@ -108,22 +113,22 @@ def _self_attention_plan(prefix: str) -> dict[str, ParallelStyle]:
             f"{prefix}.wv": ColwiseParallel(), f"{prefix}.wo": RowwiseParallel()}
 
 
-def _cross_attention_plan(prefix: str) -> dict[str, ParallelStyle]:
-    return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wkv": StackedColwiseParallel(2),
+def _cross_attention_plan(prefix: str, heads: int) -> dict[str, ParallelStyle]:
+    return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wkv": StackedHeadsParallel(2, heads),
             f"{prefix}.wo": RowwiseParallel()}
 
 
 def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     """The {module FQN: style} plan for every supported submodule of `model` (any nn.Module tree, e.g. a
-    MultimodalR1 or a bare R1Model)."""
+    MultimodalR1 or a bare R1Model), built while the modules still hold their global head counts."""
     plan: dict[str, ParallelStyle] = {}
     for name, module in model.named_modules():
         if isinstance(module, SelfAttention):
             plan.update(_self_attention_plan(name))
         elif isinstance(module, GatedCrossAttention):
-            plan.update(_cross_attention_plan(name))
+            plan.update(_cross_attention_plan(name, module.n_heads))
         elif isinstance(module, ResamplerLayer):  # cross-attention to the inputs + an MLP
-            plan.update({**_cross_attention_plan(name), f"{name}.mlp.0": ColwiseParallel(),
+            plan.update({**_cross_attention_plan(name, module.heads), f"{name}.mlp.0": ColwiseParallel(),
                          f"{name}.mlp.2": RowwiseParallel()})
         elif isinstance(module, MLPProjector):
             plan.update({f"{name}.fc1": ColwiseParallel(), f"{name}.fc2": RowwiseParallel()})
