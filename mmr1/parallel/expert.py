@@ -53,15 +53,17 @@ def expert_major_order(recv_counts: torch.Tensor, total: int) -> torch.Tensor:
     return shift + torch.arange(total, device=recv_counts.device)
 
 
-class ExpertParallelExperts(nn.Module):
+class ExpertParallelExperts(GroupedExperts):
     """Drop-in for `GroupedExperts` that holds E/P experts per rank of `ep_mesh` and exchanges rows by owner.
 
     w_gate, w_up (E, D, H) and w_down (E, H, D) become DTensors sharded on the expert dim: state dicts keep the
     global shapes and keys, `full_tensor()` gathers them, and the local shard is what this rank computes with.
+    Still a GroupedExperts, so `R1Model.init_weights` (e.g. after a meta-device build) initialises it.
     """
 
     def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh, grad_divisor: float = 1.0):
-        super().__init__()
+        _, dim, hidden = experts.w_gate.shape
+        super().__init__(0, dim, hidden)  # empty placeholders, replaced by the sharded weights below
         if grad_divisor <= 0:
             raise ValueError(f"apply_expert_parallel: grad_divisor={grad_divisor} must be positive")
         self.grad_divisor = grad_divisor
