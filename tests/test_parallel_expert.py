@@ -77,6 +77,9 @@ def reference_grads(ref: MoEFeedForward, batch) -> tuple[dict[str, torch.Tensor]
 
 def _layer_worker(rank: int, world: int) -> None:
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    odd = MoEFeedForward(DIM, MoEConfig(num_experts=3, num_groups=1, topk_groups=1, top_k=2, expert_hidden=8))
+    with pytest.raises(ValueError, match=r"moe.num_experts=3 is not divisible by the expert-parallel size 2"):
+        apply_expert_parallel(odd, mesh)
     # (B, L) per rank for each scenario; rank 1 holds fewer tokens, then none at all.
     scenarios = {"different_counts": [(3, 5), (1, 4)], "rank1_empty": [(2, 6), (0, 6)]}
     for cfg_name, cfg in LAYER_CFGS.items():

@@ -62,25 +62,23 @@ class ExpertParallelExperts(GroupedExperts):
     """
 
     def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh, grad_divisor: float = 1.0):
-        _, dim, hidden = experts.w_gate.shape
-        super().__init__(0, dim, hidden)  # empty placeholders, replaced by the sharded weights below
+        num_experts, dim, hidden = experts.w_gate.shape
+        if ep_mesh.ndim != 1:
+            raise ValueError(f"apply_expert_parallel: ep_mesh must be 1-D (the expert-parallel dimension), got a "
+                             f"{ep_mesh.ndim}-D mesh {ep_mesh.mesh_dim_names}")
+        if num_experts % ep_mesh.size():
+            raise ValueError(f"apply_expert_parallel: moe.num_experts={num_experts} is not divisible by the "
+                             f"expert-parallel size {ep_mesh.size()}")
         if grad_divisor <= 0:
             raise ValueError(f"apply_expert_parallel: grad_divisor={grad_divisor} must be positive")
+        if any(isinstance(w, DTensor) for w in experts.parameters()):
+            raise ValueError("apply_expert_parallel: the experts' weights are already DTensors; apply expert "
+                             "parallel once, before FSDP")
+        super().__init__(0, dim, hidden)  # empty placeholders, replaced by the sharded weights below
+        self.num_experts, self.ep_size, self.ep_mesh = num_experts, ep_mesh.size(), ep_mesh
         self.grad_divisor = grad_divisor
-        if ep_mesh.ndim != 1:
-            raise ValueError(f"ExpertParallelExperts: ep_mesh must be 1-D, got {ep_mesh.ndim}-D "
-                             f"{ep_mesh.mesh_dim_names}")
-        self.num_experts = experts.w_gate.shape[0]
-        self.ep_size = ep_mesh.size()
-        if self.num_experts % self.ep_size:
-            raise ValueError(f"apply_expert_parallel: moe.num_experts={self.num_experts} is not divisible by the "
-                             f"expert-parallel size {self.ep_size}")
-        self.ep_mesh = ep_mesh
         for name in ("w_gate", "w_up", "w_down"):
             full = getattr(experts, name)
-            if isinstance(full, DTensor):
-                raise ValueError(f"apply_expert_parallel: experts.{name} is already a DTensor; apply expert "
-                                 f"parallel once, before FSDP")
             # Scattered from the mesh's first rank, so all ranks agree even if their inits differed.
             shard = distribute_tensor(full.detach(), ep_mesh, [Shard(0)])
             self.register_parameter(name, nn.Parameter(shard, requires_grad=full.requires_grad))
@@ -127,12 +125,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, grad_divisor: f
     let the outer FSDP average the experts over the remaining data-parallel dim) so all gradients share the
     mean-over-ranks scale. On NCCL, FSDP2's set_gradient_divide_factor does the same; gloo has no PREMUL_SUM.
     """
-    if ep_mesh.ndim != 1:
-        raise ValueError(f"apply_expert_parallel: ep_mesh must be 1-D (the expert-parallel dimension), got a "
-                         f"{ep_mesh.ndim}-D mesh {ep_mesh.mesh_dim_names}")
-    if ep_mesh.size() == 1:
+    if ep_mesh.ndim == 1 and ep_mesh.size() == 1:
         return model
-    for module in model.modules():
-        if isinstance(module, MoEFeedForward):
-            module.experts = ExpertParallelExperts(module.experts, ep_mesh, grad_divisor)
+    for moe in [m for m in model.modules() if isinstance(m, MoEFeedForward)]:
+        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh, grad_divisor)
     return model
