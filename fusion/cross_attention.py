@@ -41,7 +41,7 @@ class GatedCrossAttention(nn.Module):
 
         Rows whose sample has no modality token at all get exactly zero output.
         """
-        B, L, D = x.shape
+        B, L, _ = x.shape
         k, v = kv if kv is not None else self.memory_kv(memory)  # (B, H, T, Dh)
         q = self.wq(self.norm(x)).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         has_memory = None
@@ -54,7 +54,7 @@ class GatedCrossAttention(nn.Module):
             safe_mask[~has_memory, 0] = True
             attn_mask = safe_mask[:, None, None, :]  # (B, 1, 1, T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
-        out = self.wo(out.transpose(1, 2).reshape(B, L, D))
+        out = self.wo(out.transpose(1, 2).reshape(B, L, -1))  # -1: H * Dh, the local width under TP
         if has_memory is not None:
             out = out * has_memory[:, None, None].to(out.dtype)
         return torch.tanh(self.gate).to(out.dtype) * out

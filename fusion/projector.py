@@ -52,16 +52,16 @@ class ResamplerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, latents: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, N, D = latents.shape
+        B, N, _ = latents.shape
         T = inputs.shape[1]
-        h, hd = self.heads, D // self.heads
-        q = self.wq(self.norm_latents(latents)).view(B, N, h, hd).transpose(1, 2)  # (B, h, N, hd)
+        h = self.heads  # head width comes from the tensors: under tensor parallel a rank holds h = heads / T
+        q = self.wq(self.norm_latents(latents)).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, hd)
         # Latents attend to the inputs and to themselves, as in Flamingo's resampler.
         kv_in = torch.cat([self.norm_inputs(inputs), self.norm_latents(latents)], dim=1)  # (B, T+N, D)
-        k, v = self.wkv(kv_in).view(B, T + N, 2, h, hd).unbind(2)
+        k, v = self.wkv(kv_in).view(B, T + N, 2, h, -1).unbind(2)
         kv_mask = torch.cat([mask, mask.new_ones(B, N)], dim=1)[:, None, None, :]  # (B, 1, 1, T+N)
         attn = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=kv_mask)
-        latents = latents + self.wo(attn.transpose(1, 2).reshape(B, N, D))
+        latents = latents + self.wo(attn.transpose(1, 2).reshape(B, N, -1))
         return latents + self.mlp(self.norm_mlp(latents))
 
 

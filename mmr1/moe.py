@@ -126,8 +126,9 @@ def sequence_balance_loss(probs: torch.Tensor, indices: torch.Tensor, token_mask
     N, E = probs.shape
     B = N // seq_len
     real = _real_weights(token_mask, N, probs)  # (N,)
-    assigned = (real[:, None] * (indices >= 0).to(probs.dtype)).view(B, -1)  # (B, L*k)
-    counts = probs.new_zeros(B, E).scatter_add_(1, indices.clamp_min(0).view(B, -1), assigned)  # (B, E)
+    per_seq = seq_len * indices.shape[1]  # explicit, not -1: a rank may hold no sequence at all (B = 0)
+    assigned = (real[:, None] * (indices >= 0).to(probs.dtype)).view(B, per_seq)  # (B, L*k)
+    counts = probs.new_zeros(B, E).scatter_add_(1, indices.clamp_min(0).view(B, per_seq), assigned)  # (B, E)
     f = counts / assigned.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, E)
     n_real = real.view(B, seq_len).sum(dim=1)  # (B,)
     P = (probs * real[:, None]).view(B, seq_len, E).sum(dim=1) / n_real.clamp_min(1.0)[:, None]  # (B, E)
