@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmr1.config import RopeScaling
+from mmr1.rope import rope_frequencies
+
 if TYPE_CHECKING:
     from mmr1.kv_cache import KVCache
 
@@ -18,23 +21,26 @@ class RotaryEmbedding(nn.Module):
     Uses the half-split layout (dims i and i + D/2 form a pair), as Llama / Hugging Face checkpoints do.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim={head_dim} must be even")
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
         self.theta = theta
+        self.scaling = scaling  # None: plain RoPE; else linear / dynamic / YaRN (mmr1.rope)
         cos, sin = self._tables(device=None)
         # Not persistent: derived from the config, so checkpoints don't carry them.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-        dims = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
-        inv_freq = self.theta ** -(dims / self.head_dim)  # (D/2,)
+        inv_freq, attention_factor = rope_frequencies(self.head_dim, self.theta, self.scaling, self.max_seq_len,
+                                                      device)  # (D/2,)
         angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (max_seq_len, D)
+        if attention_factor != 1.0:  # YaRN scales q.k through the tables
+            return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
         return angles.cos().float(), angles.sin().float()
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
