@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmr1.config import RopeScaling
+from mmr1.local_attention import sliding_window_attention
 from mmr1.rope import rope_frequencies
 
 if TYPE_CHECKING:
@@ -78,14 +79,30 @@ def attention_mask_for(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+    """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads.
+
+    kind "full": every head attends causally to all keys (SDPA). "sliding": every head sees the last `window`
+    positions, blocked in O(L * window) (mmr1.local_attention). "hybrid": the first `local_heads` heads slide, the
+    others are full; one output projection mixes them as in any multi-head layer.
+    """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, layer_idx: int = 0, dropout: float = 0.0,
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, kind: str = "full", window: int = 512, local_heads: int = 0,
+                 block_size: int = 256):
         super().__init__()
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError(f"SelfAttention: need dim % n_heads == 0 and n_heads % n_kv_heads == 0, "
                              f"got dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}")
+        self.kind = kind
+        self.window = window
+        self.block_size = block_size
+        # Local query heads; they use the first local_heads // group KV heads, so local and global never share one.
+        self.local_heads = {"full": 0, "sliding": n_heads, "hybrid": local_heads}[kind]
+        group = n_heads // n_kv_heads
+        if kind == "hybrid" and (not 0 < local_heads < n_heads or local_heads % group):
+            raise ValueError(f"SelfAttention: hybrid local_heads={local_heads} must be in (0, {n_heads}) and a "
+                             f"multiple of n_heads // n_kv_heads = {group}")
+        self.local_kv_heads = self.local_heads // group
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = dim // n_heads
@@ -101,17 +118,20 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, D); cos/sin (B, 1, L, Dh); attn_mask (B, 1, L, S) bool or None for plain causal over x.
 
         With a cache, this call's keys/values are written after the cached ones and the queries attend to all
-        S = cached + L keys (the caller builds attn_mask for that).
+        S = cached + L keys (the caller builds attn_mask for that). Local heads need only key_mask (B, S), the
+        padding of those keys (None: no padding); full heads ignore it.
         """
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kind != "full":
+            return self.wo(self._local_global(q, k, v, attn_mask, cache, key_mask).transpose(1, 2).reshape(B, L, -1))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
         dropout_p = self.dropout if self.training else 0.0
@@ -122,3 +142,33 @@ class SelfAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
+
+    def _local_global(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                      cache: KVCache | None, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Sliding/hybrid: local heads blocked over their window, global heads full causal -> (B, H, L, Dh)."""
+        L = q.shape[2]
+        dropout_p = self.dropout if self.training else 0.0
+        if key_mask is None and attn_mask is not None:
+            # The last query row sees every key but itself through the padding mask; its own key is seen by no
+            # other query, so this row is the key mask as far as any query can tell.
+            key_mask = attn_mask[:, 0, -1, :]
+        hl, hkl = self.local_heads, self.local_kv_heads
+        k_loc, v_loc = k[:, :hkl], v[:, :hkl]
+        if cache is not None:
+            k_loc, v_loc, local_mask = cache.update_window(self.layer_idx, k_loc, v_loc)
+        else:
+            local_mask = key_mask
+        out = sliding_window_attention(q[:, :hl], k_loc, v_loc, self.window, local_mask, self.block_size, dropout_p)
+        if hl == self.n_heads:
+            return out
+        q_g, k_g, v_g = q[:, hl:], k[:, hkl:], v[:, hkl:]
+        if cache is not None:
+            k_g, v_g = cache.update(self.layer_idx, k_g, v_g)  # a full buffer holding only the global heads
+        if attn_mask is None:
+            if k_g.shape[2] != L:
+                raise ValueError("SelfAttention: attn_mask is required when attending to cached keys")
+            out_g = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+        else:
+            out_g = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                   enable_gqa=True)
+        return torch.cat([out, out_g], dim=1)  # (B, H, L, Dh): local heads first, as in the projections
