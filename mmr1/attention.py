@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmr1.config import RopeScaling
-from mmr1.local_attention import sliding_window_attention
+from mmr1.local_attention import marked_tokens, sliding_window_attention
 from mmr1.rope import rope_frequencies
 
 if TYPE_CHECKING:
@@ -83,12 +83,13 @@ class SelfAttention(nn.Module):
 
     kind "full": every head attends causally to all keys (SDPA). "sliding": every head sees the last `window`
     positions, blocked in O(L * window) (mmr1.local_attention). "hybrid": the first `local_heads` heads slide, the
-    others are full; one output projection mixes them as in any multi-head layer.
+    others are full -- or, with global_tokens, see their window plus the earlier designated global tokens (the
+    caller marks them); one output projection mixes all heads as in any multi-head layer.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, layer_idx: int = 0, dropout: float = 0.0,
                  qkv_bias: bool = False, kind: str = "full", window: int = 512, local_heads: int = 0,
-                 block_size: int = 256):
+                 block_size: int = 256, global_tokens: bool = False):
         super().__init__()
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError(f"SelfAttention: need dim % n_heads == 0 and n_heads % n_kv_heads == 0, "
@@ -103,6 +104,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"SelfAttention: hybrid local_heads={local_heads} must be in (0, {n_heads}) and a "
                              f"multiple of n_heads // n_kv_heads = {group}")
         self.local_kv_heads = self.local_heads // group
+        self.global_tokens = global_tokens and kind == "hybrid"
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = dim // n_heads
@@ -118,12 +120,14 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
+                global_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, D); cos/sin (B, 1, L, Dh); attn_mask (B, 1, L, S) bool or None for plain causal over x.
 
         With a cache, this call's keys/values are written after the cached ones and the queries attend to all
         S = cached + L keys (the caller builds attn_mask for that). Local heads need only key_mask (B, S), the
-        padding of those keys (None: no padding); full heads ignore it.
+        padding of those keys (None: no padding); full heads ignore it. global_mask (B, L): which of the L new
+        tokens are designated global tokens (hybrid layers with global_tokens only).
         """
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
@@ -131,7 +135,11 @@ class SelfAttention(nn.Module):
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kind != "full":
-            return self.wo(self._local_global(q, k, v, attn_mask, cache, key_mask).transpose(1, 2).reshape(B, L, -1))
+            if self.global_tokens:
+                out = self._local_global_tokens(q, k, v, cache, key_mask, attn_mask, global_mask)
+            else:
+                out = self._local_global(q, k, v, attn_mask, cache, key_mask)
+            return self.wo(out.transpose(1, 2).reshape(B, L, -1))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
         dropout_p = self.dropout if self.training else 0.0
@@ -142,6 +150,28 @@ class SelfAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
+
+    def _local_global_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
+                             key_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                             global_mask: torch.Tensor | None) -> torch.Tensor:
+        """Hybrid with global tokens: every head slides; global heads also see the marked tokens -> (B, H, L, Dh)."""
+        if global_mask is None:
+            raise ValueError("SelfAttention: global_tokens needs global_mask, the designated tokens among the inputs")
+        if key_mask is None and attn_mask is not None:
+            key_mask = attn_mask[:, 0, -1, :]
+        if key_mask is not None:
+            global_mask = global_mask & key_mask[:, -q.shape[2]:]  # a padding slot is never a global token
+        dropout_p = self.dropout if self.training else 0.0
+        hl, hkl = self.local_heads, self.local_kv_heads
+        if cache is not None:
+            extra = cache.update_marked(self.layer_idx, k[:, hkl:], v[:, hkl:], global_mask)
+            k, v, key_mask = cache.update_window(self.layer_idx, k, v)  # all KV heads in the ring
+        else:
+            extra = marked_tokens(k[:, hkl:], v[:, hkl:], global_mask)
+        args = (self.window, key_mask, self.block_size, dropout_p)
+        out_local = sliding_window_attention(q[:, :hl], k[:, :hkl], v[:, :hkl], *args)
+        out_global = sliding_window_attention(q[:, hl:], k[:, hkl:], v[:, hkl:], *args, extra=extra)
+        return torch.cat([out_local, out_global], dim=1)
 
     def _local_global(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                       cache: KVCache | None, key_mask: torch.Tensor | None) -> torch.Tensor:

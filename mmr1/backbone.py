@@ -43,19 +43,23 @@ class DecoderBlock(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, layer_idx, cfg.dropout, cfg.attention_bias,
                                   kind=cfg.layer_kinds()[layer_idx], window=cfg.window,
-                                  local_heads=cfg.hybrid_local_heads, block_size=cfg.attention_block_size)
+                                  local_heads=cfg.hybrid_local_heads, block_size=cfg.attention_block_size,
+                                  global_tokens=cfg.global_tokens is not None)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.dim, cfg.ffn_hidden)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
                 token_mask: torch.Tensor | None, cross_states: torch.Tensor | None, cross_mask: torch.Tensor | None,
-                cache: KVCache | None, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+                cache: KVCache | None, key_mask: torch.Tensor | None = None,
+                global_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
         """x (B, L, D) -> (B, L, D), plus the MoE stats when this block's feed-forward is an MoE.
-        key_mask (B, S): padding of all keys, for sliding/hybrid attention (full attention uses attn_mask)."""
+        key_mask (B, S): padding of all keys, for sliding/hybrid attention (full attention uses attn_mask);
+        global_mask (B, L): the designated global tokens among the inputs (cfg.global_tokens)."""
         if self.cross_attn is not None:
             x = self._cross_attend(x, cross_states, cross_mask, cache)
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, key_mask))
+        h = self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, key_mask, global_mask)
+        x = x + self.resid_dropout(h)
         h = self.ffn_norm(x)
         aux = None
         if isinstance(self.ffn, MoEFeedForward):
@@ -87,7 +91,8 @@ class R1Model(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # An all-sliding model never needs the dense (B, 1, L, S) mask, which would be quadratic in L.
-        self.needs_dense_mask = any(kind != "sliding" for kind in cfg.layer_kinds())
+        self.needs_dense_mask = any(kind == "full" or (kind == "hybrid" and cfg.global_tokens is None)
+                                    for kind in cfg.layer_kinds())
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -176,10 +181,14 @@ class R1Model(nn.Module):
                 position_ids = (key_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
         cos, sin = self.rope(position_ids)  # (B, 1, L, Dh)
 
+        global_mask = None
+        if self.cfg.global_tokens is not None:  # designated global tokens (BOS, modality markers)
+            global_mask = torch.isin(input_ids, torch.tensor(self.cfg.global_tokens, device=input_ids.device))
         x = self.tok_embeddings(input_ids)  # (B, L, D)
         aux_losses, tokens_per_expert, moe_aux = [], [], []
         for block in self.layers:
-            x, aux = block(x, cos, sin, attn_mask, attention_mask, cross_states, cross_mask, cache, key_mask)
+            x, aux = block(x, cos, sin, attn_mask, attention_mask, cross_states, cross_mask, cache, key_mask,
+                           global_mask)
             if aux is not None:
                 aux_losses.append(aux.aux_loss)
                 tokens_per_expert.append(aux.tokens_per_expert)

@@ -176,6 +176,9 @@ class R1Config:
     layer_attention: Optional[list[str]] = None  # one kind per layer; overrides the two fields above
     window: int = 512  # keys a local query sees, itself included: positions (i - window, i]
     local_heads: int = 0  # hybrid layers: local query heads (a multiple of n_heads // n_kv_heads); 0 = half
+    # hybrid layers' global heads: None = full causal; token ids (BOS, modality markers) = their window plus
+    # every earlier occurrence of those tokens (Longformer-style global tokens; O(L * (window + #tokens))).
+    global_tokens: Optional[list[int]] = None
     attention_block_size: int = 256  # query block of the blocked O(L * window) local attention
     rope_scaling: Optional[RopeScaling] = None  # None: plain RoPE
 
@@ -205,6 +208,10 @@ class R1Config:
         if self.window < 1 or self.attention_block_size < 1:
             raise ValueError(f"R1Config: window={self.window} and attention_block_size="
                              f"{self.attention_block_size} must be >= 1")
+        if self.global_tokens is not None and (not self.global_tokens or any(
+                not isinstance(t, int) or not 0 <= t < self.vocab_size for t in self.global_tokens)):
+            raise ValueError(f"R1Config: global_tokens={self.global_tokens} must be None or a non-empty list of token "
+                             f"ids in [0, vocab_size={self.vocab_size})")
         group = self.n_heads // self.n_kv_heads
         if "hybrid" in self.layer_kinds():
             local = self.hybrid_local_heads

@@ -14,6 +14,8 @@ Optional additions for long context (only called for layers whose attention is "
     cache.windows[layer]               None (full layer) or the layer's window
     update_window(layer, k, v)         keep local heads' K/V in a ring of `window` slots; returns the K/V and key
                                        mask of the window context: (B, Hkv_local, kept + L, Dh) x 2, (B, kept + L)
+    update_marked(layer, k, v, marked) hybrid layers with global tokens: keep the K/V of the marked (designated)
+                                       tokens; returns them with their slots relative to the window context
     nbytes()                           bytes of K/V storage allocated so far
 In a hybrid layer the global heads go through `update` (a full buffer with only those heads) and the local heads
 through `update_window`, so decode memory grows only with the global heads and the full layers.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from mmr1.config import R1Config
+from mmr1.local_attention import NO_TOKEN, marked_tokens
 
 
 class KVCache:
@@ -50,6 +53,8 @@ class KVCache:
         # Ring buffers (B, Hkv_local, window, Dh) of the sliding layers / local heads; slot p lives at p % window.
         self.ring_keys: list[torch.Tensor | None] = [None] * n_layers
         self.ring_values: list[torch.Tensor | None] = [None] * n_layers
+        # Global-token store per layer: K/V (B, Hkv_global, T, Dh) x 2 and absolute slots (B, T) (NO_TOKEN = hole).
+        self.marked: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * n_layers
 
     @classmethod
     def for_model(cls, cfg: R1Config, batch_size: int, max_len: int | None = None,
@@ -118,9 +123,31 @@ class KVCache:
         ring_v[:, :, slots] = self._store(v[:, :, L - n:])
         return keys, values, self.key_mask[:, start - kept:start + L]
 
+    def update_marked(self, layer: int, k: torch.Tensor, v: torch.Tensor, marked: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global heads of a hybrid layer with global tokens: add the marked ones of this step's k, v
+        (B, Hkv_global, L, Dh) (marked (B, L) bool) to the store; return all stored K/V and their slots (B, T)
+        counted from the start of update_window's context (earlier ones negative; NO_TOKEN for holes)."""
+        window = self.windows[layer]
+        if window is None:
+            raise ValueError(f"KVCache: layer {layer} is a full-attention layer; it keeps no global-token store")
+        new_k, new_v, new_slots = marked_tokens(k, v, marked, first_slot=self.length)
+        stored = self.marked[layer]
+        if stored is None:
+            stored = (self._store(new_k), self._store(new_v), new_slots)
+        elif new_slots.shape[1]:  # rows with fewer marks leave NO_TOKEN holes, which attention masks out
+            stored = (torch.cat([stored[0], self._store(new_k)], dim=2), torch.cat([stored[1], self._store(new_v)], 2),
+                      torch.cat([stored[2], new_slots], dim=1))
+        self.marked[layer] = stored
+        context_start = self.length - min(self.length, window)
+        slots = torch.where(stored[2] == NO_TOKEN, stored[2], stored[2] - context_start)
+        return self._load(stored[0], k), self._load(stored[1], v), slots
+
     def nbytes(self) -> int:
-        """Bytes of key/value storage allocated so far (full buffers + rings; the key mask and cross K/V aside)."""
-        buffers = self.keys + self.values + self.ring_keys + self.ring_values
+        """Bytes of key/value storage allocated so far (full buffers, rings and global-token stores; the key mask
+        and cross-attention K/V aside)."""
+        stores = [t for entry in self.marked if entry is not None for t in entry[:2]]
+        buffers = self.keys + self.values + self.ring_keys + self.ring_values + stores
         return sum(t.numel() * t.element_size() for t in buffers if t is not None)
 
     def advance(self, n: int) -> None:
@@ -140,3 +167,4 @@ class KVCache:
         self.length = 0
         self.key_mask.zero_()
         self.cross_kv.clear()
+        self.marked = [None] * self.n_layers

@@ -31,9 +31,15 @@ def band_mask(block: int, width: int, window: int, device: torch.device | None =
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                              key_mask: torch.Tensor | None = None, block_size: int = 256,
-                             dropout_p: float = 0.0) -> torch.Tensor:
+                             dropout_p: float = 0.0, extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                             ) -> torch.Tensor:
     """q (B, H, L, D); k, v (B, Hkv, S, D) with S >= L, H a multiple of Hkv; key_mask (B, S) bool (True = real
-    token) or None; returns (B, H, L, D). Scaled by 1/sqrt(D) like SDPA."""
+    token) or None; returns (B, H, L, D). Scaled by 1/sqrt(D) like SDPA.
+
+    extra = (k_g, v_g, slots): designated global tokens (B, Hkv, T, D) x 2 and their slots (B, T) in the same
+    numbering as k (may be negative: evicted from k, still earlier; NO_TOKEN = empty entry). A query additionally sees
+    those with slot <= its slot - window (the ones inside its window it already sees): O(L * (window + T)).
+    """
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if S < L or H % Hkv:
@@ -68,9 +74,45 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if mask.shape[0] != 1 and Hkv != 1:  # per-sequence padding: one mask per (sequence, KV head) row
         mask = mask[:, None].expand(B, Hkv, nb, G * b, W).reshape(B * Hkv, nb, G * b, W)
 
-    out = F.scaled_dot_product_attention(qb, strips(k), strips(v), attn_mask=mask, dropout_p=dropout_p)
+    k_strips, v_strips = strips(k), strips(v)
+    if extra is not None:
+        k_strips, v_strips, mask = _with_global_tokens(k_strips, v_strips, mask, extra, offset, window, b, G)
+    out = F.scaled_dot_product_attention(qb, k_strips, v_strips, attn_mask=mask, dropout_p=dropout_p)
     out = out.view(B, Hkv, nb, G, b, D).transpose(2, 3).reshape(B, H, nb * b, D)
     return out[:, :, :L]
+
+
+def _with_global_tokens(k_strips: torch.Tensor, v_strips: torch.Tensor, mask: torch.Tensor,
+                        extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offset: int, window: int, b: int,
+                        G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append the T global keys to every strip: (B Hkv, nb, W + T, D), mask (B Hkv or 1, nb, G b, W + T)."""
+    k_g, v_g, slots = extra  # (B, Hkv, T, D) x 2, (B, T)
+    B, Hkv, T, D = k_g.shape
+    N, nb = k_strips.shape[:2]
+    query_slot = offset + torch.arange(nb * b, device=slots.device).view(nb, b)  # (nb, b)
+    seen = slots[:, None, None, :] <= (query_slot - window)[None, :, :, None]  # (B, nb, b, T)
+    seen = seen[:, :, None].expand(B, nb, G, b, T).reshape(B, 1, nb, G * b, T).expand(B, Hkv, nb, G * b, T)
+    mask = mask.view(-1, Hkv if mask.shape[0] == N else 1, nb, G * b, mask.shape[-1]).expand(B, Hkv, -1, -1, -1)
+    mask = torch.cat([mask, seen], dim=-1).reshape(N, nb, G * b, -1)
+    k_strips = torch.cat([k_strips, k_g.reshape(N, 1, T, D).expand(N, nb, T, D)], dim=2)
+    v_strips = torch.cat([v_strips, v_g.reshape(N, 1, T, D).expand(N, nb, T, D)], dim=2)
+    return k_strips, v_strips, mask
+
+
+NO_TOKEN = 2 ** 40  # slot of an empty global-token entry: after every query, so no query ever sees it
+
+
+def marked_tokens(k: torch.Tensor, v: torch.Tensor, marked: torch.Tensor, first_slot: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K/V of the marked tokens (B, L) bool, left-aligned per row: (B, Hkv, T, D) x 2 and slots (B, T) =
+    first_slot + position, with T the most marks in a row; unused entries get slot NO_TOKEN."""
+    B, L = marked.shape
+    T = int(marked.sum(dim=1).max()) if marked.numel() else 0
+    order = torch.argsort((~marked).to(torch.int8), dim=1, stable=True)[:, :T]  # marked positions first, in order
+    valid = torch.gather(marked, 1, order)  # (B, T)
+    slots = torch.where(valid, order + first_slot, torch.full_like(order, NO_TOKEN))
+    index = order[:, None, :, None].expand(B, k.shape[1], T, k.shape[-1])
+    return torch.gather(k, 2, index), torch.gather(v, 2, index), slots
 
 
 def dense_sliding_mask(key_mask: torch.Tensor, query_len: int, window: int) -> torch.Tensor:

@@ -116,8 +116,10 @@ def test_bad_attention_config_is_named(kwargs, field):
 
 # ---- whole model vs a dense masked reference ------------------------------------------------------------------
 
-def dense_attention_forward(self: SelfAttention, x, cos, sin, attn_mask=None, cache=None, key_mask=None):
-    """Reference SelfAttention.forward: no cache, each head's mask built by loops (local heads windowed)."""
+def dense_attention_forward(self: SelfAttention, x, cos, sin, attn_mask=None, cache=None, key_mask=None,
+                            global_mask=None):
+    """Reference SelfAttention.forward: no cache, each head's mask built by loops (local heads windowed; global
+    heads full, or windowed plus every earlier real global token)."""
     assert cache is None
     B, L, _ = x.shape
     q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
@@ -130,7 +132,12 @@ def dense_attention_forward(self: SelfAttention, x, cos, sin, attn_mask=None, ca
     if hl:
         outs.append(naive_attention(q[:, :hl], k[:, :hkl], v[:, :hkl], reference_mask(km, L, self.window)))
     if hl < self.n_heads:
-        outs.append(naive_attention(q[:, hl:], k[:, hkl:], v[:, hkl:], reference_mask(km, L, None)))
+        if self.global_tokens:
+            allowed = reference_mask(km, L, self.window)
+            allowed |= (global_mask & km)[:, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
+        else:
+            allowed = reference_mask(km, L, None)
+        outs.append(naive_attention(q[:, hl:], k[:, hkl:], v[:, hkl:], allowed))
     return self.wo(torch.cat(outs, dim=1).transpose(1, 2).reshape(B, L, -1))
 
 
@@ -138,6 +145,7 @@ SCHEDULES = {
     "sliding": dict(attention_pattern="sliding"),
     "hybrid": dict(attention_pattern="hybrid"),
     "mixed": dict(layer_attention=["sliding", "hybrid", "full"]),
+    "global_tokens": dict(layer_attention=["hybrid", "sliding", "hybrid"], global_tokens=[1, 2]),
 }
 
 
@@ -152,9 +160,12 @@ def long_model(schedule: str, window=5, block=4, seed=0, **overrides) -> R1Model
 
 
 def batch(lengths, seed=0):
+    """Left-padded random prompts, each starting with 1 (<bos>) and holding a few 2s (global tokens when set)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in lengths]
-    return left_pad(prompts, 0, torch.device("cpu"))
+    prompts = [[1] + torch.randint(1, 64, (n - 1,), generator=g).tolist() for n in lengths]
+    for p in prompts:
+        p[len(p) // 2] = 2
+    return left_pad(prompts, 1, torch.device("cpu"))  # pads with the <bos> id: padding must never count as global
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
