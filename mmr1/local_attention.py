@@ -47,6 +47,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                          f"H={H}, Hkv={Hkv}")
     if window < 1:
         raise ValueError(f"sliding_window_attention: window={window} must be >= 1")
+    if L <= 16 and S <= window + L:  # decode steps: one small dense mask is cheaper than blocking
+        return _dense_sliding(q, k, v, window, key_mask, dropout_p, extra)
     G = H // Hkv
     b = min(max(min(block_size, window), 16), L)  # blocks much wider than the window waste work
     nb = math.ceil(L / b)
@@ -80,6 +82,19 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out = F.scaled_dot_product_attention(qb, k_strips, v_strips, attn_mask=mask, dropout_p=dropout_p)
     out = out.view(B, Hkv, nb, G, b, D).transpose(2, 3).reshape(B, H, nb * b, D)
     return out[:, :, :L]
+
+
+def _dense_sliding(q, k, v, window, key_mask, dropout_p, extra) -> torch.Tensor:
+    """The same attention with a dense (B, 1, L, S [+ T]) mask; for a few queries over a window-sized context."""
+    B, L, S = q.shape[0], q.shape[2], k.shape[2]
+    real = key_mask if key_mask is not None else torch.ones(B, S, dtype=torch.bool, device=q.device)
+    mask = dense_sliding_mask(real, L, window)  # (B, 1, L, S)
+    if extra is not None:
+        k_g, v_g, slots = extra
+        query_slot = torch.arange(S - L, S, device=q.device)
+        seen = slots[:, None, None, :] <= (query_slot - window)[None, None, :, None]  # (B, 1, L, T)
+        k, v, mask = torch.cat([k, k_g], dim=2), torch.cat([v, v_g], dim=2), torch.cat([mask, seen], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
 
 
 def _with_global_tokens(k_strips: torch.Tensor, v_strips: torch.Tensor, mask: torch.Tensor,

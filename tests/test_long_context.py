@@ -193,12 +193,13 @@ def test_cached_decode_equals_full_forward_at_every_step(schedule):
     """Prefill in chunks longer than the window, then one token at a time well past it: every step's logits equal
     the no-cache forward of the whole left-padded batch so far."""
     model = long_model(schedule)
-    ids, mask = batch([23, 14, 6], seed=1)
+    ids, mask = batch([47, 30, 6], seed=1)
     B, total = ids.shape
     cache = KVCache.for_model(model.cfg, B, max_len=total)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
-        steps = [(0, 7), (7, 13)] + [(t, t + 1) for t in range(13, total)]  # chunks of 7 and 6 > window 5
+        # chunks of 19 (blocked kernel) and 6 (dense small-step path), both > window 5; then single tokens
+        steps = [(0, 19), (19, 25)] + [(t, t + 1) for t in range(25, total)]
         for lo, hi in steps:
             got = model(ids[:, lo:hi], attention_mask=mask[:, lo:hi], cache=cache).logits
             torch.testing.assert_close(got[mask[:, lo:hi]], full[:, lo:hi][mask[:, lo:hi]], **TOL)
