@@ -10,7 +10,7 @@ DEMO_RUN := runs/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo demo-data clean-demo bench
+.PHONY: install test demo demo-data clean-demo bench bench-long
 
 install: $(STAMP)
 
@@ -36,5 +36,9 @@ demo: $(STAMP) $(DEMO_DATA)/train.jsonl
 clean-demo:
 	rm -rf $(DEMO_RUN)
 
-bench: $(STAMP)
+bench: $(STAMP) bench-long
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
+
+# full vs sliding vs hybrid attention at 1K-64K tokens, KV cache and decode at 16K (~5 min on 2 cores)
+bench-long: $(STAMP)
+	$(PY) -m benchmarks.long_context --out benchmarks/results/long_context
