@@ -10,8 +10,9 @@ Blocking: queries are cut into blocks of b; block j attends to the keys of its o
 m = ceil((window - 1) / b) blocks before it, a (m + 1) * b wide strip taken from the keys by `unfold` (a view; no
 n x n anything). Every block shares one static band mask (b, (m + 1) b); only key padding varies per block.
 Grouped-query heads are folded into the query rows (the G query heads of a KV head share its keys) and blocks
-into SDPA's head axis, so one 4-D SDPA call (the CPU flash kernel takes the mask) computes all blocks; its
-working set is (B Hkv, nb, G b, (m + 1) b) = O(L * window). Backward runs through autograd
+into SDPA's head axis, so a 4-D SDPA call (the CPU flash kernel takes the mask) computes many blocks at once, over
+strided views of the keys (no copies away from the sequence ends); blocks go CALL_ROWS query rows per call, so
+inference temporaries stay bounded. Work is (L, (m + 1) b) = O(L * window). Backward runs through autograd
 (unfold's backward is a fold that sums the overlapping strips).
 """
 from __future__ import annotations
@@ -54,34 +55,60 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     nb = math.ceil(L / b)
     m = math.ceil((window - 1) / b)  # earlier blocks a query block needs
     W = (m + 1) * b  # strip width
-    offset = S - L  # slot of the first query
-    front = max(0, m * b - offset)  # zero keys before slot 0 so that the first strip exists
-    tail = nb * b - L  # zero queries/keys after the last slot to fill the last block
-    start = front + offset - m * b  # first strip's first key, in the padded key sequence
-
-    def strips(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, S, D) -> (B * Hkv, nb, W, D)
-        x = F.pad(x, (0, 0, front, tail))[:, :, start:].unfold(2, W, b)  # (B, Hkv, nb, D, W), a view
-        return x.transpose(-1, -2).reshape(B * Hkv, nb, W, D)
-
-    # (B, H, L, D) -> (B * Hkv, nb, G * b, D): a KV head's G query heads become rows of the same block, and the
-    # blocks take SDPA's "heads" axis, so one 4-D call (CPU flash kernel) computes every strip.
-    qb = F.pad(q, (0, 0, 0, tail)).view(B, Hkv, G, nb, b, D).transpose(2, 3).reshape(B * Hkv, nb, G * b, D)
-
-    real = key_mask if key_mask is not None else torch.ones(1, S, dtype=torch.bool, device=q.device)
-    real = F.pad(real, (front, tail), value=False)[:, start:].unfold(1, W, b)  # (B or 1, nb, W)
     band = band_mask(b, W, window, q.device)  # (b, W)
     own = band & (torch.arange(W, device=q.device)[None, :] - (W - b) == torch.arange(b, device=q.device)[:, None])
-    mask = band & (real[:, :, None, :] | own)  # (B or 1, nb, b, W)
-    mask = mask[:, :, None].expand(-1, nb, G, b, W).reshape(-1, nb, G * b, W)
+    real = key_mask if key_mask is not None else torch.ones(1, S, dtype=torch.bool, device=q.device)
+    geometry = (b, m, W, G, window, band, own)
+    # A few thousand query rows per SDPA call: the temporaries of one call stay bounded however long L is.
+    per_call = max(1, CALL_ROWS // (G * b))
+    outs = [_blocks(q, k, v, real, c0, min(nb, c0 + per_call), geometry, dropout_p, extra)
+            for c0 in range(0, nb, per_call)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+CALL_ROWS = 4096  # query rows (blocks x G x b) per SDPA call
+
+
+def _blocks(q, k, v, real, c0: int, c1: int, geometry, dropout_p: float, extra) -> torch.Tensor:
+    """Query blocks [c0, c1) -> their output (B, H, <= (c1 - c0) b, D)."""
+    b, m, W, G, window, band, own = geometry
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    nc = c1 - c0
+    q_lo, q_hi = c0 * b, min(c1 * b, L)
+    qc = q[:, :, q_lo:q_hi]
+    if q_hi - q_lo < nc * b:  # the last block is partial: zero queries fill it (cut off below)
+        qc = F.pad(qc, (0, 0, 0, nc * b - (q_hi - q_lo)))
+    # (B, H, nc b, D) -> (B Hkv, nc, G b, D): a KV head's G query heads become rows of the same block, and the
+    # blocks take SDPA's "heads" axis, so one 4-D call (CPU flash kernel) computes every strip.
+    qb = qc.reshape(B, Hkv, G, nc, b, D).transpose(2, 3).reshape(B * Hkv, nc, G * b, D)
+
+    offset = S - L  # slot of the first query
+    k_lo, k_hi = offset + q_lo - m * b, offset + c1 * b  # keys of the strips; zeros stand in outside [0, S)
+    lo, hi = max(k_lo, 0), min(k_hi, S)
+    pads = (lo - k_lo, k_hi - hi)
+
+    def strips(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, S, D) -> (B Hkv, nc, W, D), a view inside [0, S)
+        x = x[:, :, lo:hi]
+        if any(pads):
+            x = F.pad(x, (0, 0, *pads))
+        return x.unfold(2, W, b).transpose(-1, -2).reshape(B * Hkv, nc, W, D)
+
+    rc = real[:, lo:hi]
+    if any(pads):
+        rc = F.pad(rc, pads, value=False)
+    rc = rc.unfold(1, W, b)  # (B or 1, nc, W)
+    mask = band & (rc[:, :, None, :] | own)  # (B or 1, nc, b, W)
+    mask = mask[:, :, None].expand(-1, nc, G, b, W).reshape(-1, nc, G * b, W)
     if mask.shape[0] != 1 and Hkv != 1:  # per-sequence padding: one mask per (sequence, KV head) row
-        mask = mask[:, None].expand(B, Hkv, nb, G * b, W).reshape(B * Hkv, nb, G * b, W)
+        mask = mask[:, None].expand(B, Hkv, nc, G * b, W).reshape(B * Hkv, nc, G * b, W)
 
     k_strips, v_strips = strips(k), strips(v)
     if extra is not None:
-        k_strips, v_strips, mask = _with_global_tokens(k_strips, v_strips, mask, extra, offset, window, b, G)
+        k_strips, v_strips, mask = _with_global_tokens(k_strips, v_strips, mask, extra, offset + q_lo, window, b, G)
     out = F.scaled_dot_product_attention(qb, k_strips, v_strips, attn_mask=mask, dropout_p=dropout_p)
-    out = out.view(B, Hkv, nb, G, b, D).transpose(2, 3).reshape(B, H, nb * b, D)
-    return out[:, :, :L]
+    out = out.view(B, Hkv, nc, G, b, D).transpose(2, 3).reshape(B, H, nc * b, D)
+    return out[:, :, :q_hi - q_lo]
 
 
 def _dense_sliding(q, k, v, window, key_mask, dropout_p, extra) -> torch.Tensor:
@@ -98,13 +125,13 @@ def _dense_sliding(q, k, v, window, key_mask, dropout_p, extra) -> torch.Tensor:
 
 
 def _with_global_tokens(k_strips: torch.Tensor, v_strips: torch.Tensor, mask: torch.Tensor,
-                        extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offset: int, window: int, b: int,
+                        extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor], first_query: int, window: int, b: int,
                         G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Append the T global keys to every strip: (B Hkv, nb, W + T, D), mask (B Hkv or 1, nb, G b, W + T)."""
     k_g, v_g, slots = extra  # (B, Hkv, T, D) x 2, (B, T)
     B, Hkv, T, D = k_g.shape
     N, nb = k_strips.shape[:2]
-    query_slot = offset + torch.arange(nb * b, device=slots.device).view(nb, b)  # (nb, b)
+    query_slot = first_query + torch.arange(nb * b, device=slots.device).view(nb, b)  # (nb, b)
     seen = slots[:, None, None, :] <= (query_slot - window)[None, :, :, None]  # (B, nb, b, T)
     seen = seen[:, :, None].expand(B, nb, G, b, T).reshape(B, 1, nb, G * b, T).expand(B, Hkv, nb, G * b, T)
     mask = mask.view(-1, Hkv if mask.shape[0] == N else 1, nb, G * b, mask.shape[-1]).expand(B, Hkv, -1, -1, -1)

@@ -11,7 +11,8 @@ from mmr1.backbone import R1Model
 from mmr1.config import R1Config, config_from_dict, config_to_dict
 from mmr1.generation import generate, left_pad
 from mmr1.kv_cache import KVCache
-from mmr1.local_attention import sliding_window_attention
+from mmr1 import local_attention
+from mmr1.local_attention import marked_tokens, sliding_window_attention
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -59,7 +60,9 @@ def padding_mask(B, S, seed=0):
     (2, 8, 2, 45, 61, 19, 16),  # G = 4, window not a multiple of the block
 ])
 @pytest.mark.parametrize("padded", [False, True])
-def test_sliding_window_attention_matches_dense(B, H, Hkv, L, S, window, block, padded):
+@pytest.mark.parametrize("call_rows", [4096, 16])  # 16: a few blocks per SDPA call, many calls
+def test_sliding_window_attention_matches_dense(B, H, Hkv, L, S, window, block, padded, call_rows, monkeypatch):
+    monkeypatch.setattr(local_attention, "CALL_ROWS", call_rows)
     torch.manual_seed(0)
     q = torch.randn(B, H, L, 16, requires_grad=True)
     k = torch.randn(B, Hkv, S, 16, requires_grad=True)
@@ -74,6 +77,28 @@ def test_sliding_window_attention_matches_dense(B, H, Hkv, L, S, window, block, 
     want = torch.autograd.grad(ref, (q, k, v), grad)
     for g_got, g_want in zip(got, want):
         torch.testing.assert_close(g_got, g_want, **TOL)
+
+
+@pytest.mark.parametrize("call_rows", [4096, 16])
+def test_global_tokens_extend_the_window(call_rows, monkeypatch):
+    """extra keys: a query also sees every earlier marked token, even far outside its window."""
+    monkeypatch.setattr(local_attention, "CALL_ROWS", call_rows)
+    torch.manual_seed(1)
+    B, H, Hkv, L, S, window = 3, 4, 2, 41, 55, 6
+    q = torch.randn(B, H, L, 16, requires_grad=True)
+    k = torch.randn(B, Hkv, S, 16, requires_grad=True)
+    v = torch.randn(B, Hkv, S, 16, requires_grad=True)
+    key_mask = padding_mask(B, S, seed=2)
+    marked = (torch.rand(B, S, generator=torch.Generator().manual_seed(3)) < 0.15) & key_mask
+    marked[0, 0] = True
+    out = sliding_window_attention(q, k, v, window, key_mask, 8, extra=marked_tokens(k, v, marked))
+    allowed = reference_mask(key_mask, L, window)
+    allowed |= marked[:, None, :] & reference_mask(torch.ones(B, S, dtype=torch.bool), L, None)
+    ref = naive_attention(q, k, v, allowed)
+    torch.testing.assert_close(out, ref, **TOL)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want, **TOL)
 
 
 def test_sliding_window_attention_never_builds_a_quadratic_tensor():
