@@ -94,3 +94,23 @@ def test_scaled_model_decodes_with_cache_like_full_forward(scaling):
         steps = [model(ids[:, :20], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
                                                              for t in range(20, 40)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
+def test_from_hf_imports_linear_and_yarn_llama_exactly(rope, tmp_path):
+    """A Llama with scaled RoPE imports into R1 and gives transformers' logits on sequences past the original
+    context (max abs diff <= 1e-4, the bound of tests/test_hf_interop.py)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
+                                      initializer_range=0.1, rope_parameters={"rope_theta": 500.0, **rope},
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    model = R1Model.from_hf(str(tmp_path))
+    assert model.cfg.rope_scaling.type == rope["rope_type"]
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(ids).logits - hf(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-4
