@@ -78,6 +78,24 @@ def attention_mask_for(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
     return (causal & visible).unsqueeze(1)
 
 
+def alibi_slopes(n_heads: int, device: torch.device | None = None) -> torch.Tensor:
+    """2^(-8 h / n) for h = 1..n (Press et al. 2022; geometric for any n, not only powers of two)."""
+    return 2.0 ** (-8.0 * torch.arange(1, n_heads + 1, device=device, dtype=torch.float32) / n_heads)
+
+
+def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                    dropout_p: float) -> torch.Tensor:
+    """Causal attention of q (B, H, L, Dh) over the last-L-aligned k, v (B, Hkv, S, Dh) with the ALiBi bias
+    -slope_h * (query slot - key slot) added to the scores; attn_mask (B, 1, L, S) bool or None (causal).
+    Slots count cache positions, so a left-padded sequence's distances are its token distances."""
+    L, S = q.shape[2], k.shape[2]
+    distance = (torch.arange(S - L, S, device=q.device)[:, None] - torch.arange(S, device=q.device)[None, :])
+    bias = -alibi_slopes(q.shape[1], q.device)[:, None, None] * distance.float()  # (H, L, S)
+    allowed = attn_mask if attn_mask is not None else (distance >= 0)[None, None]
+    bias = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)  # (B or 1, H, L, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, enable_gqa=True)
+
+
 class SelfAttention(nn.Module):
     """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads.
 
@@ -89,7 +107,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, layer_idx: int = 0, dropout: float = 0.0,
                  qkv_bias: bool = False, kind: str = "full", window: int = 512, local_heads: int = 0,
-                 block_size: int = 256, global_tokens: bool = False):
+                 block_size: int = 256, global_tokens: bool = False, alibi: bool = False):
         super().__init__()
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError(f"SelfAttention: need dim % n_heads == 0 and n_heads % n_kv_heads == 0, "
@@ -105,6 +123,8 @@ class SelfAttention(nn.Module):
                              f"multiple of n_heads // n_kv_heads = {group}")
         self.local_kv_heads = self.local_heads // group
         self.global_tokens = global_tokens and kind == "hybrid"
+        # ALiBi on the full-causal (global) heads; token-restricted global heads have none.
+        self.alibi = alibi and not self.global_tokens and self.local_heads < n_heads
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = dim // n_heads
@@ -143,7 +163,9 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
         dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None:
+        if self.alibi:
+            out = alibi_attention(q, k, v, attn_mask, dropout_p)
+        elif attn_mask is None:
             if k.shape[2] != L:  # SDPA's is_causal aligns top-left, wrong once cached keys precede the queries
                 raise ValueError("SelfAttention: attn_mask is required when attending to cached keys")
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
@@ -194,7 +216,9 @@ class SelfAttention(nn.Module):
         q_g, k_g, v_g = q[:, hl:], k[:, hkl:], v[:, hkl:]
         if cache is not None:
             k_g, v_g = cache.update(self.layer_idx, k_g, v_g)  # a full buffer holding only the global heads
-        if attn_mask is None:
+        if self.alibi:
+            out_g = alibi_attention(q_g, k_g, v_g, attn_mask, dropout_p)
+        elif attn_mask is None:
             if k_g.shape[2] != L:
                 raise ValueError("SelfAttention: attn_mask is required when attending to cached keys")
             out_g = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, dropout_p=dropout_p, enable_gqa=True)

@@ -44,7 +44,7 @@ class DecoderBlock(nn.Module):
         self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, layer_idx, cfg.dropout, cfg.attention_bias,
                                   kind=cfg.layer_kinds()[layer_idx], window=cfg.window,
                                   local_heads=cfg.hybrid_local_heads, block_size=cfg.attention_block_size,
-                                  global_tokens=cfg.global_tokens is not None)
+                                  global_tokens=cfg.global_tokens is not None, alibi=cfg.alibi_global)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.dim, cfg.ffn_hidden)
         self.resid_dropout = nn.Dropout(cfg.dropout)

@@ -179,6 +179,9 @@ class R1Config:
     # hybrid layers' global heads: None = full causal; token ids (BOS, modality markers) = their window plus
     # every earlier occurrence of those tokens (Longformer-style global tokens; O(L * (window + #tokens))).
     global_tokens: Optional[list[int]] = None
+    # ALiBi-style bias -slope_h * (query slot - key slot) on the global heads (every head of a full layer, the
+    # full-causal heads of hybrid layers), slopes 2^(-8h/n) over their n heads: RoPE + relative-position mix.
+    alibi_global: bool = False
     attention_block_size: int = 256  # query block of the blocked O(L * window) local attention
     rope_scaling: Optional[RopeScaling] = None  # None: plain RoPE
 
@@ -212,6 +215,9 @@ class R1Config:
                 not isinstance(t, int) or not 0 <= t < self.vocab_size for t in self.global_tokens)):
             raise ValueError(f"R1Config: global_tokens={self.global_tokens} must be None or a non-empty list of token "
                              f"ids in [0, vocab_size={self.vocab_size})")
+        if self.alibi_global and self.global_tokens is not None and "full" not in self.layer_kinds():
+            raise ValueError("R1Config: alibi_global applies to full-causal global heads; with global_tokens only "
+                             "full layers have them, and this schedule has none")
         group = self.n_heads // self.n_kv_heads
         if "hybrid" in self.layer_kinds():
             local = self.hybrid_local_heads

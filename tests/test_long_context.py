@@ -30,11 +30,18 @@ def reference_mask(key_mask: torch.Tensor, L: int, window: int | None) -> torch.
     return allowed
 
 
-def naive_attention(q, k, v, allowed):
-    """softmax(q k^T / sqrt(D) masked) v with KV heads repeated; q (B, H, L, D), allowed (B, L, S)."""
+def naive_attention(q, k, v, allowed, alibi=False):
+    """softmax(q k^T / sqrt(D) [- slope_h (i - j)] masked) v with KV heads repeated; q (B, H, L, D), allowed
+    (B, L, S); ALiBi slopes 2^(-8h/H), h = 1..H, i and j the query's and key's slots."""
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if alibi:
+        H, L, S = q.shape[1], q.shape[2], k.shape[2]
+        for h in range(H):
+            for i in range(L):
+                for j in range(S):
+                    scores[:, h, i, j] -= 2.0 ** (-8.0 * (h + 1) / H) * ((S - L + i) - j)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return scores.softmax(-1) @ v
 
@@ -133,6 +140,8 @@ def test_layer_schedule_from_one_line_of_config():
     ({"attention_pattern": "hybrid", "local_heads": 4}, "local_heads"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "original_max_seq_len"),
     ({"rope_scaling": {"type": "ntk", "factor": 4.0}}, "type"),
+    ({"attention_pattern": "hybrid", "global_tokens": [1], "alibi_global": True}, "alibi_global"),
+    ({"attention_pattern": "hybrid", "global_tokens": [600]}, "global_tokens"),
 ])
 def test_bad_attention_config_is_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -162,7 +171,7 @@ def dense_attention_forward(self: SelfAttention, x, cos, sin, attn_mask=None, ca
             allowed |= (global_mask & km)[:, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
         else:
             allowed = reference_mask(km, L, None)
-        outs.append(naive_attention(q[:, hl:], k[:, hkl:], v[:, hkl:], allowed))
+        outs.append(naive_attention(q[:, hl:], k[:, hkl:], v[:, hkl:], allowed, alibi=self.alibi))
     return self.wo(torch.cat(outs, dim=1).transpose(1, 2).reshape(B, L, -1))
 
 
@@ -171,6 +180,7 @@ SCHEDULES = {
     "hybrid": dict(attention_pattern="hybrid"),
     "mixed": dict(layer_attention=["sliding", "hybrid", "full"]),
     "global_tokens": dict(layer_attention=["hybrid", "sliding", "hybrid"], global_tokens=[1, 2]),
+    "alibi": dict(layer_attention=["hybrid", "sliding", "full"], alibi_global=True),
 }
 
 
