@@ -155,6 +155,9 @@ class SelfAttention(nn.Module):
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kind != "full":
+            if cache is not None and not hasattr(cache, "update_window"):
+                raise TypeError(f"SelfAttention: layer {self.layer_idx} is {self.kind!r}; its cache "
+                                f"({type(cache).__name__}) must implement update_window (see mmr1.kv_cache)")
             if self.global_tokens:
                 out = self._local_global_tokens(q, k, v, cache, key_mask, attn_mask, global_mask)
             else:
