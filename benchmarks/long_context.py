@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"decode at {context} tokens", flush=True)
     decode = [decode_row(False, context, steps, args.chunk), decode_row(True, context, steps, args.chunk)]
     for r in decode:
-        print(f"  {r['model']:22s} KV {r['kv_cache_bytes'] / 2**20:7.1f} MB  {r['decode_tok_s']:6.1f} tok/s", flush=True)
+        print(f"  {r['model']:22s} KV {r['kv_cache_bytes'] / 2**20:7.1f} MB  {r['decode_tok_s']:6.1f} tok/s",
+              flush=True)
     result = {"command": command, "machine": machine(),
               "geometry": f"Attention: batch 1, {HEADS} heads x {HEAD_DIM}, window {WINDOW}, fp32; "
                           f"hybrid = {HEADS // 2} local + {HEADS // 2} global heads; +tokens: global heads see "

@@ -31,9 +31,8 @@ def band_mask(block: int, width: int, window: int, device: torch.device | None =
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                             key_mask: torch.Tensor | None = None, block_size: int = 256,
-                             dropout_p: float = 0.0, extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                             ) -> torch.Tensor:
+                             key_mask: torch.Tensor | None = None, block_size: int = 256, dropout_p: float = 0.0,
+                             extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q (B, H, L, D); k, v (B, Hkv, S, D) with S >= L, H a multiple of Hkv; key_mask (B, S) bool (True = real
     token) or None; returns (B, H, L, D). Scaled by 1/sqrt(D) like SDPA.
 
