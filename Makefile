@@ -39,6 +39,6 @@ clean-demo:
 bench: $(STAMP) bench-long
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
 
-# full vs sliding vs hybrid attention at 1K-64K tokens, KV cache and decode at 16K (~5 min on 2 cores)
+# full vs sliding vs hybrid attention at 1K-64K tokens, KV cache and decode at 16K (~13 min on 2 shared cores)
 bench-long: $(STAMP)
 	$(PY) -m benchmarks.long_context --out benchmarks/results/long_context
