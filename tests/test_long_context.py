@@ -1,6 +1,7 @@
 """Sliding-window / hybrid attention and the ring-buffer KV cache against dense masked references (fp32, 1e-5)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from mmr1.attention import SelfAttention, apply_rotary
 from mmr1.backbone import R1Model
-from mmr1.config import R1Config, config_from_dict, config_to_dict
+from mmr1.config import R1Config, RopeScaling, config_from_dict, config_to_dict
 from mmr1.generation import generate, left_pad
 from mmr1.kv_cache import KVCache
 from mmr1 import local_attention
@@ -126,9 +127,10 @@ def test_layer_schedule_from_one_line_of_config():
     assert R1Config().layer_kinds() == ["full"] * 4  # the default stays today's model
     cfg = R1Config(n_layers=8, attention_pattern="sliding", global_every=4)
     assert cfg.layer_kinds() == ["sliding"] * 3 + ["full"] + ["sliding"] * 3 + ["full"]
-    cfg = R1Config(n_layers=3, layer_attention=["hybrid", "sliding", "full"])
+    cfg = R1Config(n_layers=3, layer_attention=["hybrid", "sliding", "full"], global_tokens=[1, 2],
+                   rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=128))
     assert cfg.layer_kinds() == ["hybrid", "sliding", "full"]
-    assert config_from_dict(R1Config, config_to_dict(cfg)) == cfg
+    assert config_from_dict(R1Config, json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     assert KVCache.for_model(R1Config(), 1).windows == [None] * 4
 
 

@@ -9,8 +9,9 @@ import yaml
 
 from data_pipelines.synth import synthesize
 from e2e_utils import ROOT, tiny_demo_config
-from mmr1.checkpoint import model_from_checkpoint
+from mmr1.checkpoint import export_checkpoint, model_from_checkpoint
 from mmr1.cli import main
+from mmr1.model import MultimodalR1
 
 
 def test_demo_hybrid_profile_fits_a_few_steps(tmp_path):
@@ -33,3 +34,7 @@ def test_demo_hybrid_profile_fits_a_few_steps(tmp_path):
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) >= 5 and all(math.isfinite(x) for x in losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    export_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "export")  # config.json round trip
+    loaded, _ = MultimodalR1.from_pretrained(tmp_path / "export")
+    assert loaded.config.backbone == model.config.backbone
