@@ -263,6 +263,25 @@ def test_ring_buffer_keeps_decode_memory_flat():
     assert nbytes["mixed"][-1] == window * per_slot + (window + steps) * per_slot // 2 + steps * per_slot
 
 
+def test_global_token_store_grows_only_with_designated_tokens():
+    """hybrid + global_tokens: all K/V heads in rings, the global heads' store gains a slot per marked token only."""
+    window, steps = 4, 30
+    model = long_model("global_tokens", window=window)
+    cache = KVCache.for_model(model.cfg, 1, max_len=steps)
+    tokens = [1] + [5 + t % 50 for t in range(1, steps)]
+    tokens[20] = 2  # one more designated token, far past the window of the first
+    sizes = []
+    with torch.no_grad():
+        for token in tokens:
+            model(torch.tensor([[token]]), cache=cache)
+            sizes.append(cache.nbytes())
+    per_slot = 2 * 2 * 8 * 4  # K and V, 2 KV heads, head_dim 8, fp32
+    rings = 3 * window * per_slot
+    assert sizes[-1] == rings + 2 * 2 * (per_slot // 2)  # 2 hybrid layers x 2 marked tokens x 1 global KV head
+    assert sizes[window] == sizes[19] == rings + 2 * (per_slot // 2)
+    assert [len(s[2][0]) for s in cache.marked if s is not None] == [2, 2]
+
+
 def test_storage_dtype_hook_stores_bf16_and_returns_compute_dtype():
     model = long_model("mixed")
     cache = KVCache.for_model(model.cfg, 1, max_len=12, storage_dtype=torch.bfloat16)
