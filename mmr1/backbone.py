@@ -41,18 +41,25 @@ class DecoderBlock(nn.Module):
         self.cross_attn = (GatedCrossAttention(cfg.dim, cfg.cross_attn_heads, cfg.norm_eps)
                            if layer_idx in cfg.cross_attn_layers else None)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, layer_idx, cfg.dropout, cfg.attention_bias)
+        self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, layer_idx, cfg.dropout, cfg.attention_bias,
+                                  kind=cfg.layer_kinds()[layer_idx], window=cfg.window,
+                                  local_heads=cfg.hybrid_local_heads, block_size=cfg.attention_block_size,
+                                  global_tokens=cfg.global_tokens is not None, alibi=cfg.alibi_global)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg.dim, cfg.moe) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.dim, cfg.ffn_hidden)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
                 token_mask: torch.Tensor | None, cross_states: torch.Tensor | None, cross_mask: torch.Tensor | None,
-                cache: KVCache | None) -> tuple[torch.Tensor, MoEAux | None]:
-        """x (B, L, D) -> (B, L, D), plus the MoE stats when this block's feed-forward is an MoE."""
+                cache: KVCache | None, key_mask: torch.Tensor | None = None,
+                global_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+        """x (B, L, D) -> (B, L, D), plus the MoE stats when this block's feed-forward is an MoE.
+        key_mask (B, S): padding of all keys, for sliding/hybrid attention (full attention uses attn_mask);
+        global_mask (B, L): the designated global tokens among the inputs (cfg.global_tokens)."""
         if self.cross_attn is not None:
             x = self._cross_attend(x, cross_states, cross_mask, cache)
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, attn_mask, cache))
+        h = self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, key_mask, global_mask)
+        x = x + self.resid_dropout(h)
         h = self.ffn_norm(x)
         aux = None
         if isinstance(self.ffn, MoEFeedForward):
@@ -82,7 +89,10 @@ class R1Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        # An all-sliding model never needs the dense (B, 1, L, S) mask, which would be quadratic in L.
+        self.needs_dense_mask = any(kind == "full" or (kind == "hybrid" and cfg.global_tokens is None)
+                                    for kind in cfg.layer_kinds())
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -162,7 +172,8 @@ class R1Model(nn.Module):
             key_mask = cache.append_mask(new_mask)
         else:
             key_mask = attention_mask
-        attn_mask = attention_mask_for(key_mask, L) if key_mask is not None else None  # None: plain causal
+        dense = key_mask is not None and self.needs_dense_mask
+        attn_mask = attention_mask_for(key_mask, L) if dense else None  # None: plain causal (or all sliding)
         if position_ids is None:
             if key_mask is None:
                 position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
@@ -170,10 +181,14 @@ class R1Model(nn.Module):
                 position_ids = (key_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
         cos, sin = self.rope(position_ids)  # (B, 1, L, Dh)
 
+        global_mask = None
+        if self.cfg.global_tokens is not None:  # designated global tokens (BOS, modality markers)
+            global_mask = torch.isin(input_ids, torch.tensor(self.cfg.global_tokens, device=input_ids.device))
         x = self.tok_embeddings(input_ids)  # (B, L, D)
         aux_losses, tokens_per_expert, moe_aux = [], [], []
         for block in self.layers:
-            x, aux = block(x, cos, sin, attn_mask, attention_mask, cross_states, cross_mask, cache)
+            x, aux = block(x, cos, sin, attn_mask, attention_mask, cross_states, cross_mask, cache, key_mask,
+                           global_mask)
             if aux is not None:
                 aux_losses.append(aux.aux_loss)
                 tokens_per_expert.append(aux.tokens_per_expert)

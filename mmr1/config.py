@@ -116,6 +116,39 @@ class MoEConfig:
         return self.k_range[1]
 
 
+ATTENTION_KINDS = ("full", "sliding", "hybrid")
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+
+
+@dataclass
+class RopeScaling:
+    """RoPE context extension (the maths lives in mmr1.rope; names follow transformers' rope_parameters).
+
+    linear: positions divided by `factor` (Chen et al. 2023, position interpolation).
+    dynamic: NTK-aware base rescaling, theta' = theta * (factor * L / original - (factor - 1)) ** (D / (D - 2)),
+        evaluated once at L = the model's max_seq_len (transformers re-evaluates it at the current length, which
+        makes cached decoding disagree with a full forward; a fixed L keeps them identical).
+    yarn: NTK-by-parts interpolation with a ramp between beta_fast and beta_slow rotations and cos/sin scaled by
+        `attention_factor` (default 0.1 ln(factor) + 1) (Peng et al. 2023).
+    """
+
+    type: str = "linear"  # "linear" | "dynamic" | "yarn"
+    factor: float = 1.0
+    original_max_seq_len: Optional[int] = None  # pretraining context; dynamic and yarn need it
+    beta_fast: float = 32.0  # yarn only
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None  # yarn: None = 0.1 * ln(factor) + 1
+    truncate: bool = True  # yarn: round the ramp's correction range to whole dimensions (transformers' default)
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"RopeScaling: type={self.type!r}, expected one of {list(ROPE_SCALING_TYPES)}")
+        if self.factor < 1.0:
+            raise ValueError(f"RopeScaling: factor={self.factor} must be >= 1")
+        if self.type in ("dynamic", "yarn") and not self.original_max_seq_len:
+            raise ValueError(f"RopeScaling: type={self.type!r} needs original_max_seq_len (the pretraining context)")
+
+
 @dataclass
 class R1Config:
     """Decoder-only R1 backbone: RMSNorm, RoPE, GQA attention, MoE feed-forward, gated cross-attention."""
@@ -136,6 +169,21 @@ class R1Config:
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2); the output projection has none
+    # Long context (mmr1.local_attention). A layer is "full" (causal), "sliding" (each query sees the last
+    # `window` positions) or "hybrid" (the first `local_heads` heads sliding, the others full causal).
+    attention_pattern: str = "full"  # kind of every layer, except:
+    global_every: int = 0  # > 0: layers i with (i + 1) % global_every == 0 are "full" ("every 4th layer full")
+    layer_attention: Optional[list[str]] = None  # one kind per layer; overrides the two fields above
+    window: int = 512  # keys a local query sees, itself included: positions (i - window, i]
+    local_heads: int = 0  # hybrid layers: local query heads (a multiple of n_heads // n_kv_heads); 0 = half
+    # hybrid layers' global heads: None = full causal; token ids (BOS, modality markers) = their window plus
+    # every earlier occurrence of those tokens (Longformer-style global tokens; O(L * (window + #tokens))).
+    global_tokens: Optional[list[int]] = None
+    # ALiBi-style bias -slope_h * (query slot - key slot) on the global heads (every head of a full layer, the
+    # full-causal heads of hybrid layers), slopes 2^(-8h/n) over their n heads: RoPE + relative-position mix.
+    alibi_global: bool = False
+    attention_block_size: int = 256  # query block of the blocked O(L * window) local attention
+    rope_scaling: Optional[RopeScaling] = None  # None: plain RoPE
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -147,6 +195,47 @@ class R1Config:
         bad = [i for i in self.cross_attn_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(f"R1Config: cross_attn_layers {bad} outside [0, n_layers={self.n_layers})")
+        self._check_attention_pattern()
+
+    def _check_attention_pattern(self) -> None:
+        kinds = [self.attention_pattern] + list(self.layer_attention or [])
+        bad = sorted({k for k in kinds if k not in ATTENTION_KINDS})
+        if bad:
+            raise ValueError(f"R1Config: attention kinds {bad} unknown (attention_pattern / layer_attention); "
+                             f"expected {list(ATTENTION_KINDS)}")
+        if self.layer_attention is not None and len(self.layer_attention) != self.n_layers:
+            raise ValueError(f"R1Config: layer_attention has {len(self.layer_attention)} entries for "
+                             f"n_layers={self.n_layers}")
+        if self.global_every < 0:
+            raise ValueError(f"R1Config: global_every={self.global_every} must be >= 0")
+        if self.window < 1 or self.attention_block_size < 1:
+            raise ValueError(f"R1Config: window={self.window} and attention_block_size="
+                             f"{self.attention_block_size} must be >= 1")
+        if self.global_tokens is not None and (not self.global_tokens or any(
+                not isinstance(t, int) or not 0 <= t < self.vocab_size for t in self.global_tokens)):
+            raise ValueError(f"R1Config: global_tokens={self.global_tokens} must be None or a non-empty list of token "
+                             f"ids in [0, vocab_size={self.vocab_size})")
+        if self.alibi_global and self.global_tokens is not None and "full" not in self.layer_kinds():
+            raise ValueError("R1Config: alibi_global applies to full-causal global heads; with global_tokens only "
+                             "full layers have them, and this schedule has none")
+        group = self.n_heads // self.n_kv_heads
+        if "hybrid" in self.layer_kinds():
+            local = self.hybrid_local_heads
+            if not 0 < local < self.n_heads or local % group:
+                raise ValueError(f"R1Config: local_heads={local} must be in (0, n_heads={self.n_heads}) and a "
+                                 f"multiple of n_heads // n_kv_heads = {group} (local and global heads must not "
+                                 "share a key/value head)")
+
+    def layer_kinds(self) -> list[str]:
+        """The attention kind of every layer: "full" | "sliding" | "hybrid"."""
+        if self.layer_attention is not None:
+            return list(self.layer_attention)
+        return ["full" if self.global_every and (i + 1) % self.global_every == 0 else self.attention_pattern
+                for i in range(self.n_layers)]
+
+    @property
+    def hybrid_local_heads(self) -> int:
+        return self.local_heads or self.n_heads // 2
 
     @property
     def head_dim(self) -> int:

@@ -9,7 +9,8 @@ The four families are the R1 block with different names: pre-norm RMSNorm, rotat
 - Qwen2-MoE: softmax top-k, renormalised iff `norm_topk_prob`; one shared expert of its own width whose output
   is scaled by sigmoid(shared_expert_gate . x)                             -> shared_expert_hidden/_gate
 - Qwen2-MoE's `mlp_only_layers` / `decoder_sparse_step` choose the MoE layers -> first_k_dense when a prefix.
-Anything else that would change the function computed (rope scaling, sliding windows in use, other attention
+- RoPE scaling "linear" and "yarn"                                       -> R1Config.rope_scaling (mmr1.rope)
+Anything else that would change the function computed (other rope scaling, sliding windows in use, other attention
 types, biases R1 lacks, other activations, a head_dim that isn't hidden/heads, unknown model types) raises
 UnsupportedHFCheckpoint naming the config key and value: an import is exact or it doesn't happen.
 
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from mmr1.config import MoEConfig, R1Config
+from mmr1.config import MoEConfig, R1Config, RopeScaling
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mixtral", "qwen2_moe")
 
@@ -59,17 +60,8 @@ def read_hf_config(local_dir: str | Path) -> Any:
 
 
 def _check_attention(hf: Any, model_type: str, max_seq_len: int) -> None:
-    """Refuse every attention/RoPE setting whose math differs from R1's full causal attention with plain RoPE.
-
-    transformers 5 folds legacy `rope_theta` / `rope_scaling` keys into `rope_parameters` when it reads a config.
-    """
-    rope = dict(getattr(hf, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise _refuse(model_type, "rope_parameters.rope_type", rope_type, "only plain RoPE (no scaling) is supported")
-    extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
-    if extra:
-        raise _refuse(model_type, "rope_parameters", rope, f"keys {extra} change RoPE and are not supported")
+    """Refuse every attention/RoPE setting whose math differs from R1's full causal attention with its RoPE."""
+    _rope_scaling(hf, model_type)  # refuses RoPE variants R1 can't reproduce
     head_dim = getattr(hf, "head_dim", None)
     if head_dim is not None and head_dim != hf.hidden_size // hf.num_attention_heads:
         raise _refuse(model_type, "head_dim", head_dim,
@@ -91,6 +83,36 @@ def _check_attention(hf: Any, model_type: str, max_seq_len: int) -> None:
         for key in ("attention_bias", "mlp_bias"):
             if getattr(hf, key, False):
                 raise _refuse(model_type, key, getattr(hf, key), "R1 has no such biases")
+
+
+# RoPE types R1 reproduces exactly (mmr1.rope, checked against transformers in tests/test_long_context_rope.py) and
+# the rope_parameters keys each may carry. transformers' "dynamic" re-derives its frequencies from the current
+# sequence length, which R1's fixed tables (and cached decoding) don't, so it is refused.
+_ROPE_KEYS = {"default": set(), "linear": {"factor"},
+              "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                       "truncate"}}
+
+
+def _rope_scaling(hf: Any, model_type: str) -> RopeScaling | None:
+    """transformers 5 folds legacy `rope_theta` / `rope_scaling` keys into `rope_parameters` when it reads a config."""
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _ROPE_KEYS:
+        raise _refuse(model_type, "rope_parameters.rope_type", rope_type,
+                      f"R1 reproduces only {sorted(_ROPE_KEYS)} RoPE")
+    extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"} - _ROPE_KEYS[rope_type])
+    if extra:
+        raise _refuse(model_type, "rope_parameters", rope, f"keys {extra} change RoPE and are not supported")
+    if rope_type == "default":
+        return None
+    if rope.get("factor") is None:
+        raise _refuse(model_type, "rope_parameters.factor", None, "R1 needs an explicit scaling factor")
+    if rope_type == "linear":
+        return RopeScaling(type="linear", factor=float(rope["factor"]))
+    return RopeScaling(type="yarn", factor=float(rope["factor"]),
+                       original_max_seq_len=int(rope["original_max_position_embeddings"]),
+                       beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                       attention_factor=rope.get("attention_factor"), truncate=bool(rope.get("truncate", True)))
 
 
 def _moe_layers(hf: Any, model_type: str) -> list[bool]:
@@ -149,7 +171,7 @@ def r1_config_from_hf(hf: Any, max_seq_len: int | None = None) -> R1Config:
         max_seq_len=max_seq_len, rope_theta=float(hf.rope_parameters["rope_theta"]), norm_eps=hf.rms_norm_eps,
         moe=_moe_config(hf, model_type) if any(moe_layers) else None, first_k_dense=first_k_dense,
         cross_attn_layers=[], cross_attn_heads=hf.num_attention_heads, tie_embeddings=bool(hf.tie_word_embeddings),
-        dropout=0.0, attention_bias=qkv_bias)
+        dropout=0.0, attention_bias=qkv_bias, rope_scaling=_rope_scaling(hf, model_type))
 
 
 # ---- weights --------------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ from mmr1.cli import main
 from mmr1.config import MoEConfig, R1Config, config_from_dict, config_to_dict
 from mmr1.model import EncoderConfig, MultimodalConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# configs/profiles/*.yaml are overlays (`--config configs/demo.yaml --config <profile>`); the others stand alone.
+PROFILES = sorted((CONFIG_DIR / "profiles").rglob("*.yaml"))
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p not in PROFILES)
 
 
 def test_there_are_configs():
@@ -26,6 +29,19 @@ def test_yaml_parses_through_cli(path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["backbone"]["dim"] > 0
     assert printed["data"]["train_manifest"]
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_profile_overlays_parse_on_the_demo_config(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG_DIR / "demo.yaml"), "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["backbone"]
+    overlay = yaml.safe_load(path.read_text())["model"]["backbone"]
+    for key, value in overlay.items():  # every field of the profile took effect (nested ones: defaults filled in)
+        got = printed[key]
+        assert ({k: got[k] for k in value} if isinstance(value, dict) else got) == value, key
+    R1Config(**{**printed, "moe": None, "rope_scaling": None})  # and the merged backbone is a valid config
 
 
 def test_bad_yaml_key_is_named(tmp_path, capsys):

@@ -115,7 +115,9 @@ def test_max_seq_len_override(tmp_path):
 
 
 @pytest.mark.parametrize("config, key", [
-    (llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope_type"),
+    (llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "rope_type"),
+    (llama(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "mscale": 0.7,
+                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 32}), "rope_parameters"),
     (llama(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}), "rope_type"),
     (llama(attention_bias=True), "attention_bias"),
