@@ -9,6 +9,8 @@ identical to plain greedy. Prompt lookup has no distribution: it is a point mass
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mmr1.backbone import R1Model
@@ -109,3 +111,18 @@ class DraftModel:
         if len(seq.draft_blocks) > keep:
             self.allocator.free(seq.id, seq.draft_blocks[keep:])
             del seq.draft_blocks[keep:]
+
+
+def truncated_draft(model: R1Model, n_layers: int) -> R1Model:
+    """A draft made of the target's first `n_layers` blocks plus its final norm and head (self-speculation,
+    as in LayerSkip / Draft&Verify): no training, shares the tokenizer, cheaper per token by the layers dropped."""
+    if not 1 <= n_layers < model.cfg.n_layers:
+        raise ValueError(f"truncated_draft: n_layers={n_layers} must be in [1, {model.cfg.n_layers})")
+    cfg = dataclasses.replace(model.cfg, n_layers=n_layers,
+                              cross_attn_layers=[i for i in model.cfg.cross_attn_layers if i < n_layers])
+    draft = R1Model(cfg)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
+    draft.load_state_dict(state, strict=True)
+    param = next(model.parameters())
+    return draft.to(device=param.device, dtype=param.dtype).eval()
