@@ -30,6 +30,8 @@ demo-data: $(DEMO_DATA)/train.jsonl
 demo: $(STAMP) $(DEMO_DATA)/train.jsonl
 	$(MMR1) fit --config configs/demo.yaml
 	$(MMR1) export --checkpoint $(DEMO_RUN)/checkpoints/last.ckpt --output $(DEMO_RUN)/export --overwrite
+	$(MMR1) fit --config configs/demo_draft.yaml
+	$(MMR1) export --checkpoint runs/demo_draft/checkpoints/last.ckpt --output runs/demo_draft/export --overwrite
 	$(MMR1) evaluate --model $(DEMO_RUN)/export --manifest $(DEMO_DATA)/test.jsonl --output $(DEMO_RUN)/eval.json
 	$(PY) examples/ask.py $(DEMO_RUN)/export $(DEMO_DATA)
 
@@ -38,3 +40,4 @@ clean-demo:
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
+	$(PY) -m benchmarks.engine --out benchmarks/results/engine

@@ -11,7 +11,9 @@ from mmr1.cli import main
 from mmr1.config import MoEConfig, R1Config, config_from_dict, config_to_dict
 from mmr1.model import EncoderConfig, MultimodalConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PROFILES = sorted((CONFIG_DIR / "profiles").rglob("*.yaml"))  # engine profiles (mmr1.engine.load_profile)
+CONFIGS = sorted(set(CONFIG_DIR.rglob("*.yaml")) - set(PROFILES))  # training configs (`mmr1 fit`)
 
 
 def test_there_are_configs():
@@ -26,6 +28,27 @@ def test_yaml_parses_through_cli(path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["backbone"]["dim"] > 0
     assert printed["data"]["train_manifest"]
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_engine_profile_parses(path):
+    from mmr1.engine import EngineConfig, load_profile
+    cfg = load_profile(path)
+    assert isinstance(cfg, EngineConfig)
+    assert config_from_dict(EngineConfig, config_to_dict(cfg)) == cfg
+
+
+def test_engine_profiles_exist_and_refuse_typos(tmp_path):
+    from mmr1.engine import EngineConfig, load_profile
+    assert {"low_latency.yaml", "default.yaml"} <= {p.name for p in PROFILES}
+    assert load_profile(CONFIG_DIR / "profiles" / "default.yaml") == EngineConfig()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  max_bach: 3\n")
+    with pytest.raises(ValueError, match="max_bach"):
+        load_profile(bad)
+    bad.write_text("max_batch: 3\n")
+    with pytest.raises(ValueError, match="'engine'"):
+        load_profile(bad)
 
 
 def test_bad_yaml_key_is_named(tmp_path, capsys):

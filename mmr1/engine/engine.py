@@ -187,14 +187,18 @@ class Engine:
                 return []
             if self.cfg.speculative is not None:
                 self._add_drafts(rows)
-            logits = forward_paged(self.backbone, self.pool, [self._feed(r) for r in rows],
-                                   [r.seq.num_cached for r in rows], [r.seq.blocks for r in rows],
-                                   [r.seq.cross_kv for r in rows])
-            self.stats["steps"] += 1
+            # Rows are right-padded to the longest feed of their forward, so decode rows (1 token, + drafts) run
+            # together and each prefill chunk runs on its own: a decode row never pays for a 256-token chunk.
+            groups = [[r for r in rows if r.num_new == 1]] + [[r] for r in rows if r.num_new > 1]
             touched = []
-            for i, row in enumerate(rows):
-                if self._advance(row, logits[i]):
-                    touched.append(row.seq.id)
+            for group in filter(None, groups):
+                logits = forward_paged(self.backbone, self.pool, [self._feed(r) for r in group],
+                                       [r.seq.num_cached for r in group], [r.seq.blocks for r in group],
+                                       [r.seq.cross_kv for r in group])
+                for i, row in enumerate(group):
+                    if self._advance(row, logits[i]):
+                        touched.append(row.seq.id)
+            self.stats["steps"] += 1
             return touched
 
     def _collect_encoded(self) -> None:
