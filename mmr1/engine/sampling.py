@@ -39,8 +39,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seen: list[int], ge
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams, seen: list[int]) -> torch.Tensor:
     """The distribution sample_row draws from, (V,) fp32: penalty, temperature, top-k, top-p (same rules as
-    sample_next_token). Greedy is the one-hot of the argmax."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    sample_next_token). Greedy is the one-hot of the argmax. On the CPU, where the request's generator lives."""
+    logits = apply_repetition_penalty(logits.float().cpu(), seen, params.repetition_penalty)
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
     logits = logits / params.temperature
