@@ -68,6 +68,11 @@ class Engine:
                                  f"{self.backbone.cfg.vocab_size}; the draft must share the tokenizer")
             if draft_backbone.cfg.max_seq_len < max_len:
                 raise ValueError(f"Engine: draft max_seq_len={draft_backbone.cfg.max_seq_len} < target {max_len}")
+            if (self.draft_multimodal is None and draft_backbone.cfg.cross_attn_layers
+                    and draft_backbone.cfg.dim != self.backbone.cfg.dim):
+                raise ValueError(f"Engine: a bare draft backbone reads the target's modality tokens (dim "
+                                 f"{self.backbone.cfg.dim}) but has dim={draft_backbone.cfg.dim}; pass a "
+                                 f"MultimodalR1 draft with its own encoders")
             self.draft = DraftModel(draft_backbone, num_blocks, self.cfg.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.cfg, self.allocator, self.draft.allocator if self.draft else None)
         self.queues = self.draft_queues = None
