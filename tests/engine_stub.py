@@ -29,8 +29,8 @@ class StubBackbone(R1Model):
     """One layer whose 'keys' are (token id, 1): attention-free sums over the visible cached keys."""
 
     def __init__(self, max_seq_len: int = 64):
-        super().__init__(R1Config(vocab_size=VOCAB, dim=2, n_layers=1, n_heads=1, n_kv_heads=1, ffn_hidden=2, cross_attn_heads=1,
-                                  max_seq_len=max_seq_len))
+        super().__init__(R1Config(vocab_size=VOCAB, dim=2, n_layers=1, n_heads=1, n_kv_heads=1, ffn_hidden=2,
+                                  cross_attn_heads=1, max_seq_len=max_seq_len))
 
     def forward(self, input_ids, *, attention_mask=None, position_ids=None, cross_states=None, cross_mask=None,
                 cache=None) -> R1Output:
