@@ -94,8 +94,8 @@ def markdown(r: dict) -> str:
                  f"{ll['low_latency']['p50_latency_s']:.2f}"
                  f" / {ll['low_latency']['p99_ttft_s']:.2f} | {ll['default']['p50_latency_s']:.2f} / "
                  f"{ll['default']['p99_ttft_s']:.2f} | | |")
-    lines += ["", "Notes: (1) batch-1 decode is weight-bandwidth bound here and both stacks run the same eager "
-              "PyTorch ops, so at this size the engine's scheduling/paging work is what separates them; "
+    lines += ["", "Notes: (1) at batch 1 both stacks run the same eager PyTorch ops per layer (30-55 % of copy "
+              "bandwidth); what separates them is per-step work around the model (paged gathers, scheduling); "
               "(2) 'static' = the engine with no admission until its batch is done (finished rows retire), "
               "'padded static' = generate() per group, where finished rows keep computing; on CPU a step's cost "
               "grows with its rows, which caps what filling freed slots can gain; (3) the random 'looping' "
