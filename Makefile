@@ -34,9 +34,10 @@ demo: $(STAMP) $(DEMO_DATA)/train.jsonl
 	$(MMR1) export --checkpoint runs/demo_draft/checkpoints/last.ckpt --output runs/demo_draft/export --overwrite
 	$(MMR1) evaluate --model $(DEMO_RUN)/export --manifest $(DEMO_DATA)/test.jsonl --output $(DEMO_RUN)/eval.json
 	$(PY) examples/ask.py $(DEMO_RUN)/export $(DEMO_DATA)
+	$(PY) examples/speculative.py $(DEMO_RUN)/export runs/demo_draft/export $(DEMO_DATA)
 
 clean-demo:
-	rm -rf $(DEMO_RUN)
+	rm -rf $(DEMO_RUN) runs/demo_draft
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
