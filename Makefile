@@ -30,8 +30,11 @@ demo-data: $(DEMO_DATA)/train.jsonl
 demo: $(STAMP) $(DEMO_DATA)/train.jsonl
 	$(MMR1) fit --config configs/demo.yaml
 	$(MMR1) export --checkpoint $(DEMO_RUN)/checkpoints/last.ckpt --output $(DEMO_RUN)/export --overwrite
+	$(MMR1) fit --config configs/demo_draft.yaml
+	$(MMR1) export --checkpoint runs/demo_draft/checkpoints/last.ckpt --output runs/demo_draft/export --overwrite
 	$(MMR1) evaluate --model $(DEMO_RUN)/export --manifest $(DEMO_DATA)/test.jsonl --output $(DEMO_RUN)/eval.json
 	$(PY) examples/ask.py $(DEMO_RUN)/export $(DEMO_DATA)
+	$(PY) examples/speculative.py $(DEMO_RUN)/export runs/demo_draft/export $(DEMO_DATA)
 
 # the demo with sliding/hybrid attention (configs/profiles/demo_hybrid.yaml), into runs/demo_hybrid
 demo-hybrid: $(STAMP) $(DEMO_DATA)/train.jsonl
@@ -41,10 +44,11 @@ demo-hybrid: $(STAMP) $(DEMO_DATA)/train.jsonl
 		--output runs/demo_hybrid/eval.json
 
 clean-demo:
-	rm -rf $(DEMO_RUN)
+	rm -rf $(DEMO_RUN) runs/demo_draft
 
 bench: $(STAMP) bench-long
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
+	$(PY) -m benchmarks.engine --out benchmarks/results/engine
 
 # full vs sliding vs hybrid attention at 1K-64K tokens, KV cache and decode at 16K (~13 min on 2 shared cores)
 bench-long: $(STAMP)

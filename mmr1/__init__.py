@@ -16,6 +16,9 @@ _LAZY = {
     "MultimodalR1": "mmr1.model",
     "MultimodalConfig": "mmr1.model",
     "Pipeline": "mmr1.pipeline",
+    "Engine": "mmr1.engine",
+    "EngineConfig": "mmr1.engine",
+    "SamplingParams": "mmr1.engine",
 }
 
 

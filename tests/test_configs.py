@@ -12,9 +12,13 @@ from mmr1.config import MoEConfig, R1Config, config_from_dict, config_to_dict
 from mmr1.model import EncoderConfig, MultimodalConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-# configs/profiles/*.yaml are overlays (`--config configs/demo.yaml --config <profile>`); the others stand alone.
-PROFILES = sorted((CONFIG_DIR / "profiles").rglob("*.yaml"))
-CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p not in PROFILES)
+# configs/profiles/*.yaml are either engine profiles (a top-level `engine:` block, read by
+# mmr1.engine.load_profile) or training overlays (`--config configs/demo.yaml --config <profile>`);
+# every other YAML is a stand-alone `mmr1 fit` config.
+ALL_PROFILES = sorted((CONFIG_DIR / "profiles").rglob("*.yaml"))
+ENGINE_PROFILES = [p for p in ALL_PROFILES if "engine" in (yaml.safe_load(p.read_text()) or {})]
+PROFILES = [p for p in ALL_PROFILES if p not in ENGINE_PROFILES]
+CONFIGS = sorted(set(CONFIG_DIR.rglob("*.yaml")) - set(ALL_PROFILES))
 
 
 def test_there_are_configs():
@@ -42,6 +46,28 @@ def test_profile_overlays_parse_on_the_demo_config(path, capsys):
         got = printed[key]
         assert ({k: got[k] for k in value} if isinstance(value, dict) else got) == value, key
     R1Config(**{**printed, "moe": None, "rope_scaling": None})  # and the merged backbone is a valid config
+
+
+@pytest.mark.parametrize("path", ENGINE_PROFILES, ids=lambda p: p.name)
+def test_engine_profile_parses(path):
+    from mmr1.engine import EngineConfig, load_profile
+    cfg = load_profile(path)
+    assert isinstance(cfg, EngineConfig)
+    assert config_from_dict(EngineConfig, config_to_dict(cfg)) == cfg
+
+
+def test_engine_profiles_exist_and_refuse_typos(tmp_path):
+    from mmr1.engine import EngineConfig, load_profile
+    assert {"low_latency.yaml", "default.yaml"} <= {p.name for p in ENGINE_PROFILES}
+    assert {"long_context.yaml", "demo_hybrid.yaml"} <= {p.name for p in PROFILES}
+    assert load_profile(CONFIG_DIR / "profiles" / "default.yaml") == EngineConfig()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  max_bach: 3\n")
+    with pytest.raises(ValueError, match="max_bach"):
+        load_profile(bad)
+    bad.write_text("max_batch: 3\n")
+    with pytest.raises(ValueError, match="'engine'"):
+        load_profile(bad)
 
 
 def test_bad_yaml_key_is_named(tmp_path, capsys):

@@ -1,0 +1,325 @@
+"""The six measurements of benchmarks/engine.py (kept apart from its CLI/report code)."""
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from mmr1.backbone import R1Model
+from mmr1.config import R1Config
+from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig, load_profile
+from mmr1.engine.paged_cache import PagedKVPool
+from mmr1.engine.runner import forward_paged
+from mmr1.engine.speculative import truncated_draft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+# ---- 1. batch-1 decode vs transformers -------------------------------------------------------------------
+def hf_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(intermediate_size=1376, **common)).eval()
+    return MixtralForCausalLM(MixtralConfig(intermediate_size=512, num_local_experts=8, num_experts_per_tok=2,
+                                            **common)).eval()
+
+
+def weight_bytes_per_token(model: R1Model) -> int:
+    """Bytes of weights one decoded token reads: active parameters minus the embedding table (one row is read)."""
+    params = model.num_active_parameters()
+    if not model.cfg.tie_embeddings:
+        params -= model.tok_embeddings.weight.numel()
+    return params * next(model.parameters()).element_size()
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Measured memory bandwidth of a large tensor copy, bytes/s counting read + write."""
+    src = torch.randn(mb * 2**18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src))[1] for _ in range(repeats))
+    return 2 * src.numel() * 4 / best
+
+
+def decode_vs_transformers(family: str, new_tokens: int, repeats: int) -> dict:
+    hf = hf_model(family)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = R1Model.from_hf(tmp).eval()
+    prompt = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(1))
+    engine = Engine(ours, config=EngineConfig(max_batch=1))
+    params = SamplingParams(max_new_tokens=new_tokens)
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              pad_token_id=0, eos_token_id=None)
+        return out[0, 16:].tolist()
+
+    def run_ours():
+        return engine.generate([prompt[0].tolist()], params)[0].token_ids
+
+    run_hf(), run_ours()  # warm-up
+    hf_s, ours_s = [], []
+    for _ in range(repeats):  # interleaved, so contention hits both alike
+        theirs, t = timed(run_hf)
+        hf_s.append(t)
+        mine, t = timed(run_ours)
+        ours_s.append(t)
+    agree = sum(a == b for a, b in zip(mine, theirs)) / new_tokens
+    ours_tps, hf_tps = new_tokens / statistics.median(ours_s), new_tokens / statistics.median(hf_s)
+    bpt = weight_bytes_per_token(ours)
+    return {"family": family, "new_tokens": new_tokens, "ours_tok_s": ours_tps, "hf_tok_s": hf_tps,
+            "speedup": ours_tps / hf_tps, "greedy_token_agreement": agree, "weight_bytes_per_token": bpt,
+            "achieved_bandwidth_gb_s": bpt * ours_tps / 1e9}
+
+
+# ---- shared serving model and workloads ---------------------------------------------------------------------
+def serving_model(seed: int = 0, n_layers: int = 4) -> R1Model:
+    torch.manual_seed(seed)
+    return R1Model(R1Config(vocab_size=2048, dim=256, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_hidden=688,
+                            max_seq_len=512)).eval()
+
+
+def mixed_workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """Chat-like mix: prompts 4-96 tokens; outputs mostly short (70 %: 4-24 tokens), some long (30 %: 48-160)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(2048) for _ in range(rng.randint(4, 96))]
+        new = rng.randint(4, 24) if rng.random() < 0.7 else rng.randint(48, 160)
+        out.append((prompt, new))
+    return out
+
+
+def run_offline(engine: Engine, workload) -> dict:
+    """All requests at t=0; throughput = output tokens / wall time; latency = finish - arrival per request."""
+    start = time.perf_counter()
+    outs = engine.generate([{"prompt": p, "sampling": SamplingParams(max_new_tokens=n, ignore_eos=True)}
+                            for p, n in workload])
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    lat = [o.finish_time - start for o in outs]
+    return {"wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall, "p50_latency_s": pct(lat, 50),
+            "p99_latency_s": pct(lat, 99), "steps": engine.stats["steps"]}
+
+
+# ---- 2. continuous vs static ---------------------------------------------------------------------------------
+def continuous_vs_static(n_requests: int, max_batch: int) -> dict:
+    model = serving_model()
+    work = mixed_workload(n_requests)
+    res = {}
+    for mode in ("continuous", "static"):
+        engine = Engine(model, config=EngineConfig(max_batch=max_batch, scheduling=mode))
+        res[mode] = run_offline(engine, work)
+    res["padded_static"] = padded_static_batches(model, work, max_batch)
+    res["throughput_ratio"] = res["continuous"]["tok_s"] / res["static"]["tok_s"]
+    res["throughput_ratio_vs_padded"] = res["continuous"]["tok_s"] / res["padded_static"]["tok_s"]
+    res["requests"], res["max_batch"] = n_requests, max_batch
+    return res
+
+
+def padded_static_batches(model: R1Model, workload, batch: int) -> dict:
+    """Classic static batching (what `transformers.generate` on a batch does): consecutive groups of `batch`
+    requests, left-padded, decoded together with mmr1.generation.generate for the group's longest output; finished
+    rows keep computing until the group ends. Only each request's own max_new_tokens count as output."""
+    from mmr1.generation import generate
+    start, lat, tokens = time.perf_counter(), [], 0
+    for i in range(0, len(workload), batch):
+        group = workload[i:i + batch]
+        outs = generate(model, [p for p, _ in group], max_new_tokens=max(n for _, n in group))
+        tokens += sum(min(len(o), n) for o, (_, n) in zip(outs, group))
+        lat += [time.perf_counter() - start] * len(group)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall, "p50_latency_s": pct(lat, 50),
+            "p99_latency_s": pct(lat, 99)}
+
+
+# ---- 3. speculative decoding at batch 1 ---------------------------------------------------------------------
+def speculative(new_tokens: int, repeats: int) -> dict:
+    """Two random-weight targets (6 layers): the default init, whose greedy output falls into loops (the easy case
+    for drafts), and a high-variance init (std 0.3) whose output keeps changing (the hard case)."""
+    res = {}
+    for target, std in (("looping", None), ("varied", 0.3)):
+        model = serving_model(seed=3, n_layers=6)
+        if std is not None:
+            model.init_weights(std=std)
+        res[target] = speculative_on(model, new_tokens, repeats)
+    return res
+
+
+def speculative_on(model: R1Model, new_tokens: int, repeats: int) -> dict:
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2048) for _ in range(24)] for _ in range(repeats)]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    setups = {"plain": (None, None), "prompt_lookup": (SpeculativeConfig("ngram", 4), None),
+              "draft_first_layer": (SpeculativeConfig("draft", 4), truncated_draft(model, 1))}
+    res, baseline = {}, None
+    for name, (spec, draft) in setups.items():
+        engine = Engine(model, config=EngineConfig(max_batch=1, speculative=spec), draft=draft)
+        engine.generate([prompts[0]], params)  # warm-up
+        engine.stats.update(drafted=0, accepted=0)
+        outs, wall = timed(lambda: [engine.generate([p], params)[0].token_ids for p in prompts])
+        if baseline is None:
+            baseline = outs
+        res[name] = {"tok_s": new_tokens * len(prompts) / wall, "identical_to_greedy": outs == baseline,
+                     "acceptance_rate": engine.stats["accepted"] / max(1, engine.stats["drafted"])}
+    for name in ("prompt_lookup", "draft_first_layer"):
+        res[name]["speedup"] = res[name]["tok_s"] / res["plain"]["tok_s"]
+    return res
+
+
+# ---- 4. INT8 KV ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def teacher_forced(model: R1Model, kv: str, seqs: list[list[int]], chunk: int = 4) -> tuple[float, list[torch.Tensor]]:
+    """Mean NLL of each sequence's next tokens, fed `chunk` tokens at a time through the paged cache, and the
+    per-position argmax predictions."""
+    pool = PagedKVPool.for_model(model.cfg, 64, 16, torch.float32, kv)
+    nll, count, preds = 0.0, 0, []
+    for seq in seqs:
+        table = list(range(-(-len(seq) // 16)))
+        logits = torch.cat([forward_paged(model, pool, [seq[s:s + chunk]], [s], [table])[0, :len(seq[s:s + chunk])]
+                            for s in range(0, len(seq) - 1, chunk)])[:len(seq) - 1]
+        target = torch.tensor(seq[1:])
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        count += len(target)
+        preds.append(logits.argmax(-1))
+    return nll / count, preds
+
+
+def int8_kv(n_prompts: int, new_tokens: int) -> dict:
+    model = serving_model(seed=7)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(2048) for _ in range(rng.randint(8, 64))] for _ in range(n_prompts)]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    full = Engine(model, config=EngineConfig(max_batch=16)).generate(prompts, params)
+    quant = Engine(model, config=EngineConfig(max_batch=16, kv_cache_dtype="int8")).generate(prompts, params)
+    free_agree = sum(a == b for f, q in zip(full, quant) for a, b in zip(f.token_ids, q.token_ids))
+    total = sum(len(f.token_ids) for f in full)
+    seqs = [f.prompt_ids + f.token_ids for f in full]  # teacher-forced on the full-precision continuation
+    nll_full, pred_full = teacher_forced(model, "model", seqs)
+    nll_int8, pred_int8 = teacher_forced(model, "int8", seqs)
+    forced = sum(int((a == b).sum()) for a, b in zip(pred_full, pred_int8)) / sum(len(a) for a in pred_full)
+    cfg = model.cfg
+    bpt = {name: PagedKVPool.for_model(cfg, 1, 16, dt, kv).bytes_per_token()
+           for name, dt, kv in (("fp32", torch.float32, "model"), ("bf16", torch.bfloat16, "model"),
+                                ("int8", torch.float32, "int8"))}
+    ppl_full, ppl_int8 = float(np.exp(nll_full)), float(np.exp(nll_int8))
+    return {"bytes_per_token": bpt, "saving_vs_bf16": 1 - bpt["int8"] / bpt["bf16"],
+            "saving_vs_fp32": 1 - bpt["int8"] / bpt["fp32"], "free_running_greedy_agreement": free_agree / total,
+            "teacher_forced_greedy_agreement": forced, "perplexity_fp32_kv": ppl_full, "perplexity_int8_kv": ppl_int8,
+            "perplexity_delta": ppl_int8 / ppl_full - 1, "head_dim": cfg.head_dim}
+
+
+# ---- 5. async vs inline modality encoding ---------------------------------------------------------------------
+def demo_sized_multimodal():
+    import yaml
+    from mmr1.model import MultimodalConfig, MultimodalR1
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
+    torch.manual_seed(0)
+    return MultimodalR1(MultimodalConfig.from_dict({"backbone": {**cfg["backbone"], "vocab_size": 512},
+                                                    "encoders": cfg["encoders"]})).eval()
+
+
+def write_media(directory: Path, n: int) -> list[dict]:
+    import soundfile as sf
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        image, audio = directory / f"{i}.png", directory / f"{i}.wav"
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(image)
+        sf.write(audio, (0.3 * rng.standard_normal(int(16000 * rng.uniform(1.0, 3.0)))).astype(np.float32), 16000)
+        items.append({"image": str(image), "audio": str(audio)})
+    return items
+
+
+def async_vs_inline(n_requests: int, new_tokens: int) -> dict:
+    model = demo_sized_multimodal()
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        media = write_media(Path(tmp), n_requests)
+        rng = random.Random(3)
+        requests = [{"prompt": [1, 3, 5, 6] + [rng.randrange(7, 512) for _ in range(rng.randint(4, 16))] + [4],
+                     **m} for m in media]
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        for mode in ("inline", "async", "inline", "async"):  # twice each, interleaved: keep the better run
+            engine = Engine(model, config=EngineConfig(max_batch=16, async_encoding=mode == "async"))
+            outs, wall = timed(lambda: engine.generate(requests, params))
+            engine.close()
+            assert all(o.error is None for o in outs)
+            best = max(res.get(mode, {}).get("requests_s", 0.0), n_requests / wall)
+            res[mode] = {"requests_s": best, "tok_s": best * new_tokens}
+    res["speedup"] = res["async"]["requests_s"] / res["inline"]["requests_s"]
+    res["requests"] = n_requests
+    return res
+
+
+# ---- 6. low-latency profile vs default under load -------------------------------------------------------------
+def load_workload(n: int, seed: int = 11) -> list[tuple[list[int], int]]:
+    """90 % chat turns (prompt 4-48, output 4-48 tokens), 10 % long documents (prompt 300-400, output 8-16)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.1:
+            out.append(([rng.randrange(2048) for _ in range(rng.randint(300, 400))], rng.randint(8, 16)))
+        else:
+            out.append(([rng.randrange(2048) for _ in range(rng.randint(4, 48))], rng.randint(4, 48)))
+    return out
+
+
+def run_online(engine: Engine, workload, arrivals: list[float]) -> dict:
+    """Requests arrive at the given offsets (s); the engine steps in real time; latency = finish - arrival."""
+    start = time.perf_counter()
+    ids, todo = {}, list(range(len(workload)))
+    while todo or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while todo and arrivals[todo[0]] <= now:
+            i = todo.pop(0)
+            prompt, n = workload[i]
+            ids[i] = engine.add_request(prompt, sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
+        if engine.has_unfinished():
+            engine.step()
+        elif todo:
+            time.sleep(max(0.0, arrivals[todo[0]] - now))
+    lat = [engine.output(ids[i]).finish_time - (start + arrivals[i]) for i in range(len(workload))]
+    ttft = [engine.output(ids[i]).first_token_time - (start + arrivals[i]) for i in range(len(workload))]
+    return {"p50_latency_s": pct(lat, 50), "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50),
+            "p99_ttft_s": pct(ttft, 99), "wall_s": time.perf_counter() - start}
+
+
+def low_latency_vs_default(n_requests: int, load: float) -> dict:
+    model = serving_model()
+    work = load_workload(n_requests)
+    calib = run_offline(Engine(model), work[:40])  # the default's offline request rate sets the load
+    rate = load * 40 / calib["wall_s"]
+    rng = random.Random(2)
+    arrivals, t = [], 0.0
+    for _ in work:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    profiles = {"default": EngineConfig(), "low_latency": load_profile(ROOT / "configs/profiles/low_latency.yaml"),
+                "throughput_int8": load_profile(ROOT / "configs/profiles/throughput.yaml")}
+    res = {name: run_online(Engine(model, config=cfg), work, arrivals) for name, cfg in profiles.items()}
+    for base in ("default", "throughput_int8"):
+        res[f"p99_change_vs_{base}"] = res["low_latency"]["p99_latency_s"] / res[base]["p99_latency_s"] - 1
+    res["arrival_rate_per_s"], res["requests"], res["load"] = rate, n_requests, load
+    return res

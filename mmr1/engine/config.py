@@ -1,0 +1,101 @@
+"""Config dataclasses of the inference engine: per-request sampling and the engine itself (plus YAML profiles).
+
+Each is plain data (config_to_dict / config_from_dict); `load_profile("configs/profiles/low_latency.yaml")`
+builds an EngineConfig from a YAML file whose top-level key is `engine`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from mmr1.config import config_from_dict
+
+
+@dataclass
+class SamplingParams:
+    """How one request decodes. temperature 0 = greedy (top_k/top_p ignored)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL-style: logits of already-seen tokens are divided (>0) / multiplied (<0)
+    seed: Optional[int] = None  # per-request generator: same seed -> same sample, whatever else is batched
+    stop_token_ids: list[int] = field(default_factory=list)  # finish when one is produced (it is not returned)
+    stop: list[str] = field(default_factory=list)  # finish when the decoded text contains one (text is cut there)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"SamplingParams: max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"SamplingParams: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                             f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingParams: repetition_penalty={self.repetition_penalty} must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a draft proposes `num_draft_tokens` per decoding request, the target verifies them
+    in the same forward as the rest of the batch."""
+
+    method: str = "ngram"  # "ngram" (prompt lookup, no model) | "draft" (a smaller mmr1 model, Engine(draft=...))
+    num_draft_tokens: int = 4
+    ngram_max: int = 3  # prompt lookup: longest suffix n-gram searched for in the request's own tokens
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in ("ngram", "draft"):
+            raise ValueError(f"SpeculativeConfig: method must be 'ngram' or 'draft', got {self.method!r}")
+        if self.num_draft_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"SpeculativeConfig: need num_draft_tokens >= 1 and 1 <= ngram_min <= ngram_max, got "
+                             f"{self.num_draft_tokens}, {self.ngram_min}, {self.ngram_max}")
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: Optional[int] = None  # KV blocks in the pool; None = enough for max_batch full-length sequences
+    kv_cache_dtype: str = "model"  # "model" (the model's dtype) | "int8" (per-token per-head scales)
+    max_batch: int = 32  # running sequences per step
+    max_num_batched_tokens: int = 512  # tokens per forward (decode tokens + prefill chunks)
+    prefill_chunk: int = 256  # longest piece of one prompt per step (chunked prefill)
+    max_waiting: int = 1024  # waiting + encoding requests; add_request raises QueueFullError beyond
+    scheduling: str = "continuous"  # "continuous" | "static" (admit a new batch only when the last one is done)
+    async_encoding: bool = True  # image/audio load -> preprocess -> encode in ModalityQueues workers
+    encoder_max_batch: int = 16
+    speculative: Optional[SpeculativeConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("model", "int8"):
+            raise ValueError(f"EngineConfig: kv_cache_dtype must be 'model' or 'int8', got {self.kv_cache_dtype!r}")
+        if self.scheduling not in ("continuous", "static"):
+            raise ValueError(f"EngineConfig: scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
+        for name in ("block_size", "max_batch", "max_num_batched_tokens", "prefill_chunk", "max_waiting",
+                     "encoder_max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig: {name}={getattr(self, name)} must be >= 1")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"EngineConfig: num_blocks={self.num_blocks} must be >= 1 (or None)")
+        if self.max_num_batched_tokens < self.max_batch:
+            raise ValueError(f"EngineConfig: max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_batch={self.max_batch} so every running sequence can decode each step")
+
+
+def load_profile(path: str | Path) -> EngineConfig:
+    """An engine profile YAML (`engine: {...}`) -> EngineConfig; unknown keys are an error naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"engine profile not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or set(data) != {"engine"}:
+        raise ValueError(f"{path}: an engine profile has exactly one top-level key 'engine', got {sorted(data)}")
+    return config_from_dict(EngineConfig, data["engine"] or {})

@@ -1,0 +1,385 @@
+"""mmr1.Engine: continuous batching over a paged (optionally INT8) KV cache, async modality encoding,
+per-request sampling and speculative decoding.
+
+    engine = Engine(model, tokenizer)                    # a MultimodalR1 (or a bare R1Model with token prompts)
+    rid = engine.add_request("What color?", image="a.png", sampling=SamplingParams(max_new_tokens=8))
+    while engine.has_unfinished(): engine.step()         # or: for tok in engine.iter_tokens(rid): ...
+    engine.output(rid).text
+    outs = engine.generate(["q1", {"prompt": "q2", "audio": "b.wav"}])           # offline batch
+    async for tok in engine.stream("q", image="a.png"): ...                       # servers
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from typing import Any, AsyncIterator, Iterator, Sequence as Seq
+
+import torch
+
+from fusion.queues import ModalityQueues
+from mmr1.backbone import R1Model
+from mmr1.engine.block_manager import BlockAllocator, blocks_for
+from mmr1.engine.config import EngineConfig, SamplingParams
+from mmr1.engine.paged_cache import PagedKVPool
+from mmr1.engine.runner import cross_kv_for, encode_inline, forward_paged, fuse_one
+from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
+from mmr1.engine.sequence import RequestOutput, Sequence, Status
+from mmr1.engine.speculative import DraftModel, ngram_propose, verify
+from mmr1.engine.sampling import make_generator, sample_row
+
+__all__ = ["Engine", "QueueFullError"]
+
+
+def _parts(model: Any) -> tuple[R1Model, Any]:
+    """(backbone, multimodal model or None)."""
+    if isinstance(model, R1Model):
+        return model, None
+    if isinstance(getattr(model, "backbone", None), R1Model):
+        return model.backbone, model
+    raise TypeError(f"Engine: expected an R1Model or a MultimodalR1, got {type(model).__name__}")
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any = None, config: EngineConfig | None = None, *,
+                 draft: Any = None, eos_id: int | None = None):
+        self.cfg = config or EngineConfig()
+        self.backbone, self.multimodal = _parts(model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        param = next(self.backbone.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        max_len = self.backbone.cfg.max_seq_len
+        num_blocks = self.cfg.num_blocks or self.cfg.max_batch * blocks_for(max_len, self.cfg.block_size)
+        self.allocator = BlockAllocator(num_blocks)
+        self.pool = PagedKVPool.for_model(self.backbone.cfg, num_blocks, self.cfg.block_size, self.dtype,
+                                          self.cfg.kv_cache_dtype, self.device)
+        self.draft = self.draft_multimodal = None
+        spec = self.cfg.speculative
+        if spec is not None and spec.method == "draft":
+            if draft is None:
+                raise ValueError("EngineConfig.speculative.method='draft' needs Engine(..., draft=<smaller model>)")
+            draft_backbone, self.draft_multimodal = _parts(draft)
+            if draft_backbone.cfg.vocab_size != self.backbone.cfg.vocab_size:
+                raise ValueError(f"Engine: draft vocab_size={draft_backbone.cfg.vocab_size} != target "
+                                 f"{self.backbone.cfg.vocab_size}; the draft must share the tokenizer")
+            if draft_backbone.cfg.max_seq_len < max_len:
+                raise ValueError(f"Engine: draft max_seq_len={draft_backbone.cfg.max_seq_len} < target {max_len}")
+            if (self.draft_multimodal is None and draft_backbone.cfg.cross_attn_layers
+                    and draft_backbone.cfg.dim != self.backbone.cfg.dim):
+                raise ValueError(f"Engine: a bare draft backbone reads the target's modality tokens (dim "
+                                 f"{self.backbone.cfg.dim}) but has dim={draft_backbone.cfg.dim}; pass a "
+                                 f"MultimodalR1 draft with its own encoders")
+            self.draft = DraftModel(draft_backbone, num_blocks, self.cfg.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(self.cfg, self.allocator, self.draft.allocator if self.draft else None)
+        self.queues = self.draft_queues = None
+        if self.multimodal is not None and self.multimodal.modalities and self.cfg.async_encoding:
+            self.queues = ModalityQueues(self.multimodal.processors(), self.multimodal.encode_modality,
+                                         max_batch=self.cfg.encoder_max_batch)
+            if self.draft_multimodal is not None and self.draft_multimodal.modalities:
+                self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
+                                                   self.draft_multimodal.encode_modality,
+                                                   max_batch=self.cfg.encoder_max_batch)
+        self._seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._async_lock: asyncio.Lock | None = None
+        self.stats = {"steps": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | Seq[int], *, sampling: SamplingParams | None = None,
+                    cross_states: torch.Tensor | None = None, input_item: int | None = None, **inputs: Any) -> int:
+        """Queue a request; returns its id. Keyword inputs are the model's modality keys (image=, audio=, ...);
+        `cross_states` (T, dim) gives precomputed modality tokens instead (bare-backbone use).
+        Raises QueueFullError when EngineConfig.max_waiting requests are already queued."""
+        params = sampling or SamplingParams()
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        modalities = self.multimodal.modalities if self.multimodal is not None else []
+        unknown = sorted(set(inputs) - set(modalities))
+        if unknown:
+            raise TypeError(f"Engine.add_request: unknown input(s) {unknown}; this model takes {modalities}")
+        ids = self._prompt_ids(prompt, [m for m in modalities if m in inputs])
+        total = len(ids) + params.max_new_tokens
+        if total > self.backbone.cfg.max_seq_len:
+            raise ValueError(f"Engine.add_request: prompt ({len(ids)} tokens) + max_new_tokens "
+                             f"({params.max_new_tokens}) exceeds max_seq_len={self.backbone.cfg.max_seq_len}")
+        if blocks_for(total, self.cfg.block_size) > self.allocator.num_blocks:
+            raise ValueError(f"Engine.add_request: {total} tokens need more KV blocks than the pool has "
+                             f"({self.allocator.num_blocks} x {self.cfg.block_size}); raise EngineConfig.num_blocks")
+        with self._lock:
+            self.scheduler.check_room()
+            seq = Sequence(next(self._ids), ids, params, make_generator(params.seed))
+            if cross_states is not None:
+                seq.cross_states = (cross_states if cross_states.dim() == 3 else cross_states[None]).to(self.dtype)
+            self._seqs[seq.id] = seq
+            if params.max_new_tokens == 0:
+                seq.text = "" if self.tokenizer is not None else None
+                seq.finish("length")
+            elif inputs and self.queues is not None:
+                seq.status = Status.ENCODING
+                seq.futures = self.queues.submit(inputs, item=input_item)
+                if self.draft_queues is not None:
+                    seq.draft_futures = self.draft_queues.submit(inputs, item=input_item)
+                self.scheduler.encoding.append(seq)
+            else:
+                seq.raw_inputs = (inputs or None) and (inputs, input_item)
+                self.scheduler.waiting.append(seq)
+            return seq.id
+
+    def _prompt_ids(self, prompt: str | Seq[int], present: list[str]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("Engine.add_request: a text prompt needs Engine(model, tokenizer)")
+            return self.tokenizer.encode_prompt(prompt, present)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("Engine.add_request: the prompt is empty; it needs at least one token (e.g. <bos>)")
+        vocab = self.backbone.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"Engine.add_request: prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def abort(self, request_id: int) -> bool:
+        """Cancel a request now: its KV blocks are freed; returns False when it had already finished."""
+        with self._lock:
+            seq = self._seqs.get(request_id)
+            if seq is None or seq.finished:
+                return False
+            for fut in list((seq.futures or {}).values()) + list((seq.draft_futures or {}).values()):
+                fut.cancel()
+            self.scheduler.remove(seq)
+            seq.finish("abort")
+            return True
+
+    def output(self, request_id: int) -> RequestOutput:
+        return self._seqs[request_id].result()
+
+    def release(self, request_id: int) -> RequestOutput:
+        """The final output of a finished request; the engine forgets it (long-running servers call this)."""
+        seq = self._seqs[request_id]
+        if not seq.finished:
+            raise RuntimeError(f"request {request_id} has not finished")
+        return self._seqs.pop(request_id).result()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def check_no_leaks(self) -> None:
+        live = {s.id for s in self.scheduler.running}
+        self.allocator.check_no_leaks(live)
+        if self.draft is not None:
+            self.draft.allocator.check_no_leaks(live)
+
+    def close(self) -> None:
+        for q in (self.queues, self.draft_queues):
+            if q is not None:
+                q.close()
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def step(self) -> list[int]:
+        """One iteration: admit, run decode + prefill chunks in one forward, sample, retire. Returns the ids of
+        requests that produced tokens or finished."""
+        with self._lock:
+            self._collect_encoded()
+            for seq in self.scheduler.admit():
+                self._on_admit(seq)
+            rows = self.scheduler.schedule()
+            if not rows:
+                self._wait_for_encoders()
+                return []
+            if self.cfg.speculative is not None:
+                self._add_drafts(rows)
+            # Rows are right-padded to the longest feed of their forward, so decode rows (1 token, + drafts) run
+            # together and each prefill chunk runs on its own: a decode row never pays for a 256-token chunk.
+            groups = [[r for r in rows if r.num_new == 1]] + [[r] for r in rows if r.num_new > 1]
+            touched = []
+            for group in filter(None, groups):
+                logits = forward_paged(self.backbone, self.pool, [self._feed(r) for r in group],
+                                       [r.seq.num_cached for r in group], [r.seq.blocks for r in group],
+                                       [r.seq.cross_kv for r in group])
+                for i, row in enumerate(group):
+                    if self._advance(row, logits[i]):
+                        touched.append(row.seq.id)
+            self.stats["steps"] += 1
+            return touched
+
+    def _collect_encoded(self) -> None:
+        for seq in list(self.scheduler.encoding):
+            futures = list(seq.futures.values()) + list((seq.draft_futures or {}).values())
+            if not all(f.done() for f in futures):
+                continue
+            self.scheduler.encoding.remove(seq)
+            try:
+                modalities = self.multimodal.modalities
+                seq.cross_states = fuse_one(modalities, ModalityQueues.gather(seq.futures))
+                if seq.draft_futures:
+                    seq.draft_cross_states = fuse_one(self.draft_multimodal.modalities,
+                                                      ModalityQueues.gather(seq.draft_futures))
+            except Exception as err:  # a bad input fails its own request only
+                seq.finish("error", err)
+                continue
+            seq.futures = seq.draft_futures = None
+            seq.status = Status.WAITING
+            self.scheduler.waiting.append(seq)
+
+    def _wait_for_encoders(self) -> None:
+        pending = [f for s in self.scheduler.encoding for f in s.futures.values() if not f.done()]
+        if pending:
+            wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+
+    def _on_admit(self, seq: Sequence) -> None:
+        """Modality memory once per request: inline encoding (if not done by the workers) and cross K/V."""
+        if seq.raw_inputs is not None:
+            inputs, item = seq.raw_inputs
+            seq.raw_inputs = None
+            try:
+                seq.cross_states = fuse_one(self.multimodal.modalities, encode_inline(self.multimodal, inputs, item))
+                if self.draft_multimodal is not None:
+                    seq.draft_cross_states = fuse_one(self.draft_multimodal.modalities,
+                                                      encode_inline(self.draft_multimodal, inputs, item))
+            except Exception as err:
+                self.scheduler.remove(seq)
+                seq.finish("error", err)
+                return
+        if seq.cross_kv is None:
+            seq.cross_kv = cross_kv_for(self.backbone, seq.cross_states)
+            if self.draft is not None:
+                memory = seq.draft_cross_states if self.draft_multimodal is not None else seq.cross_states
+                seq.draft_cross_kv = cross_kv_for(self.draft.model, memory)
+
+    def _feed(self, row: ScheduledRow) -> list[int]:
+        seq = row.seq
+        return seq.tokens[seq.num_cached:seq.num_cached + row.num_new] + row.drafts
+
+    def _add_drafts(self, rows: list[ScheduledRow]) -> None:
+        spec, max_len = self.cfg.speculative, self.backbone.cfg.max_seq_len
+        decoding = [r for r in rows if r.num_new == 1 and r.completes]
+        ks = []
+        for r in decoding:
+            seq = r.seq
+            room = min(seq.params.max_new_tokens - len(seq.output) - 1, max_len - len(seq.tokens) - 1)
+            ks.append(max(0, min(spec.num_draft_tokens, room)))
+        if spec.method == "ngram":
+            proposals = [ngram_propose(r.seq.tokens, k, spec.ngram_max, spec.ngram_min) if k else []
+                         for r, k in zip(decoding, ks)]
+            probs = [None] * len(decoding)
+        else:
+            proposals, probs = self.draft.propose([r.seq for r in decoding], ks)
+        for r, drafts, q in zip(decoding, proposals, probs):
+            if drafts and self.scheduler.try_reserve(r.seq, r.seq.num_cached + 1 + len(drafts)):
+                r.drafts = drafts
+                r.draft_probs = q
+            elif self.draft is not None:  # no room for the drafts: keep only the committed tokens' draft K/V
+                self.draft.rollback(r.seq, len(r.seq.tokens))
+
+    def _advance(self, row: ScheduledRow, logits: torch.Tensor) -> bool:
+        """Book this step's forward for one row (logits (L, V)); sample/verify when its tokens are all in."""
+        seq = row.seq
+        if seq.finished:
+            return False
+        complete = row.completes
+        seq.num_cached += row.num_new
+        if not complete:
+            return False  # a prompt chunk: nothing to sample yet
+        if row.drafts:
+            context = seq.tokens
+            new, accepted = verify(logits[row.num_new - 1:row.num_new + len(row.drafts)], row.drafts, seq.params,
+                                   context, seq.generator, row.draft_probs)
+            self.stats["drafted"] += len(row.drafts)
+            self.stats["accepted"] += accepted
+            seq.num_cached += accepted  # the accepted drafts' K/V are already in the cache
+            if self.draft is not None:
+                self.draft.rollback(seq, len(context) + min(accepted, len(row.drafts) - 1))
+        else:
+            new = [sample_row(logits[row.num_new - 1], seq.params, seq.tokens, seq.generator)]
+        for token in new:
+            if self._append(seq, token):
+                break
+        if seq.finished:
+            self.scheduler.remove(seq)
+        else:
+            self.scheduler.trim(seq)
+        return True
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Commit one token, applying the stop rules; True when the request is done."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        p = seq.params
+        if (not p.ignore_eos and token == self.eos_id) or token in p.stop_token_ids:
+            seq.finish("stop")
+        else:
+            seq.output.append(token)
+            self.stats["generated_tokens"] += 1
+            if p.stop and self._hit_stop_string(seq):
+                seq.finish("stop")
+            elif len(seq.output) >= p.max_new_tokens:
+                seq.finish("length")
+        if seq.finished and self.tokenizer is not None and seq.text is None:
+            seq.text = self.tokenizer.decode(seq.output)
+        return seq.finished
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.stop (strings) needs Engine(model, tokenizer)")
+        text = self.tokenizer.decode(seq.output)
+        cuts = [text.index(s) for s in seq.params.stop if s in text]
+        if cuts:
+            seq.text = text[:min(cuts)]
+        return bool(cuts)
+
+    # ---- fronts -------------------------------------------------------------------------------------------
+    def iter_tokens(self, request_id: int) -> Iterator[int]:
+        """Yield a request's tokens as they come, stepping the engine (and everyone else in it) as needed."""
+        seq = self._seqs[request_id]
+        while True:
+            while seq.read < len(seq.output):
+                seq.read += 1
+                yield seq.output[seq.read - 1]
+            if seq.finished:
+                if seq.error is not None:
+                    raise seq.error
+                return
+            self.step()
+
+    def generate(self, requests: Seq[Any], sampling: SamplingParams | None = None) -> list[RequestOutput]:
+        """Offline batch: each request is a prompt (text or token ids) or a dict with `prompt`, modality inputs
+        and optionally `sampling`. Returns one RequestOutput per request, in order."""
+        todo = list(enumerate(requests))
+        ids: dict[int, int] = {}
+        while todo or any(not self._seqs[r].finished for r in ids.values()):
+            while todo and self.scheduler.num_queued < self.cfg.max_waiting:
+                index, req = todo.pop(0)
+                kwargs = dict(req) if isinstance(req, dict) else {"prompt": req}
+                kwargs.setdefault("sampling", sampling)
+                kwargs.setdefault("input_item", index if len(requests) > 1 else None)
+                ids[index] = self.add_request(kwargs.pop("prompt"), **kwargs)
+            self.step()
+        return [self.release(ids[i]) for i in range(len(requests))]
+
+    async def stream(self, prompt: str | Seq[int], **kwargs: Any) -> AsyncIterator[int]:
+        """`async for token in engine.stream(prompt, image=..., sampling=...)`. Concurrent streams share the
+        engine's steps (one runs in a worker thread at a time); leaving the loop early aborts the request."""
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        request_id = self.add_request(prompt, **kwargs)
+        seq = self._seqs[request_id]
+        try:
+            while True:
+                while seq.read < len(seq.output):
+                    seq.read += 1
+                    yield seq.output[seq.read - 1]
+                if seq.finished:
+                    if seq.error is not None:
+                        raise seq.error
+                    return
+                async with self._async_lock:
+                    if seq.read == len(seq.output) and not seq.finished:
+                        await asyncio.to_thread(self.step)
+        finally:
+            if not seq.finished:
+                self.abort(request_id)
+            self._seqs.pop(request_id, None)

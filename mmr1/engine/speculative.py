@@ -1,0 +1,128 @@
+"""Speculative decoding: drafts propose tokens, the target checks them all in one forward.
+
+Verification (Leviathan et al. 2023, Chen et al. 2023): draft token d_j, drawn from the draft's distribution q_j,
+is accepted with probability min(1, p_j(d_j) / q_j(d_j)) where p_j is the target's (processed) distribution at
+that position; at the first rejection the replacement is drawn from norm(max(p_j - q_j, 0)), and when every draft
+is accepted a bonus token comes from p_{k}. The emitted tokens are then distributed exactly as target sampling.
+Under greedy decoding this reduces to "accept while the draft equals the target's argmax", so the output is
+identical to plain greedy. Prompt lookup has no distribution: it is a point mass (q = one-hot).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from mmr1.backbone import R1Model
+from mmr1.engine.block_manager import BlockAllocator, blocks_for
+from mmr1.engine.config import SamplingParams
+from mmr1.engine.paged_cache import PagedKVPool
+from mmr1.engine.runner import forward_paged
+from mmr1.engine.sampling import processed_probs, sample_row
+from mmr1.engine.sequence import Sequence
+
+
+def ngram_propose(tokens: list[int], k: int, ngram_max: int = 3, ngram_min: int = 1) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the longest suffix n-gram, propose what followed it."""
+    for n in range(min(ngram_max, len(tokens) - 1), ngram_min - 1, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == suffix:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seen: list[int],
+           generator: torch.Generator, draft_probs: list[torch.Tensor] | None = None) -> tuple[list[int], int]:
+    """logits (len(drafts) + 1, V): the target's logits after the last committed token and after each draft.
+
+    Returns (tokens to commit: the accepted drafts + one target token, number of drafts accepted)."""
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        context = seen + out
+        if params.greedy:
+            best = sample_row(logits[j], params, context, generator)
+            if best != d:
+                return out + [best], j
+            out.append(d)
+            continue
+        p = processed_probs(logits[j], params, context)
+        q = draft_probs[j] if draft_probs is not None else None
+        q_d = 1.0 if q is None else float(q[d])
+        accept = float(p[d]) / q_d if q_d > 0 else 0.0
+        if torch.rand((), generator=generator).item() < min(1.0, accept):
+            out.append(d)
+            continue
+        residual = (p - (torch.nn.functional.one_hot(torch.tensor(d), p.shape[0]).float() if q is None else q))
+        residual = residual.clamp(min=0)
+        if float(residual.sum()) <= 0:  # p == q: rejection is impossible in exact arithmetic; fall back to p
+            residual = p
+        return out + [int(torch.multinomial(residual / residual.sum(), 1, generator=generator))], j
+    return out + [sample_row(logits[len(drafts)], params, seen + out, generator)], len(drafts)
+
+
+class DraftModel:
+    """A smaller R1 backbone with its own paged KV pool; proposes k tokens per sequence, batched."""
+
+    def __init__(self, model: R1Model, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+        self.model = model.eval()
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.pool = PagedKVPool.for_model(model.cfg, num_blocks, block_size, dtype, "model", device)
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        need = blocks_for(num_tokens, self.block_size) - len(seq.draft_blocks)
+        if need <= 0:
+            return True
+        if not self.allocator.can_allocate(need):
+            return False
+        seq.draft_blocks += self.allocator.allocate(seq.id, need)
+        return True
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q."""
+        live = [i for i, (s, k) in enumerate(zip(seqs, ks))
+                if k > 0 and self._reserve(s, len(s.tokens) + k - 1)]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        feeds = {i: seqs[i].tokens[seqs[i].draft_cached:] for i in live}
+        for step in range(max((ks[i] for i in live), default=0)):
+            rows = [i for i in live if step < ks[i]]
+            if not rows:
+                break
+            logits = forward_paged(self.model, self.pool, [feeds[i] for i in rows],
+                                   [seqs[i].draft_cached for i in rows], [seqs[i].draft_blocks for i in rows],
+                                   [seqs[i].draft_cross_kv for i in rows])
+            for r, i in enumerate(rows):
+                seq = seqs[i]
+                seq.draft_cached += len(feeds[i])
+                last = logits[r, len(feeds[i]) - 1]
+                q = processed_probs(last, seq.params, seq.tokens + drafts[i])
+                token = int(q.argmax()) if seq.params.greedy else int(torch.multinomial(q, 1, generator=seq.generator))
+                drafts[i].append(token)
+                probs[i].append(q)
+                feeds[i] = [token]
+        return drafts, probs
+
+    def rollback(self, seq: Sequence, num_valid: int) -> None:
+        """Keep only the first num_valid cached draft tokens (the ones that agree with the committed tokens)."""
+        seq.draft_cached = min(seq.draft_cached, num_valid)
+        keep = blocks_for(seq.draft_cached + 1, self.block_size)
+        if len(seq.draft_blocks) > keep:
+            self.allocator.free(seq.id, seq.draft_blocks[keep:])
+            del seq.draft_blocks[keep:]
+
+
+def truncated_draft(model: R1Model, n_layers: int) -> R1Model:
+    """A draft made of the target's first `n_layers` blocks plus its final norm and head (self-speculation,
+    as in LayerSkip / Draft&Verify): no training, shares the tokenizer, cheaper per token by the layers dropped."""
+    if not 1 <= n_layers < model.cfg.n_layers:
+        raise ValueError(f"truncated_draft: n_layers={n_layers} must be in [1, {model.cfg.n_layers})")
+    cfg = dataclasses.replace(model.cfg, n_layers=n_layers,
+                              cross_attn_layers=[i for i in model.cfg.cross_attn_layers if i < n_layers])
+    draft = R1Model(cfg)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
+    draft.load_state_dict(state, strict=True)
+    param = next(model.parameters())
+    return draft.to(device=param.device, dtype=param.dtype).eval()

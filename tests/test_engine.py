@@ -1,0 +1,200 @@
+"""mmr1.Engine exactness: every request of a mixed continuous batch equals single-request greedy `generate`,
+the paged cache equals the contiguous KVCache, INT8 KV stays close, per-request sampling is reproducible."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from mmr1.engine import Engine, EngineConfig, SamplingParams
+from mmr1.engine.paged_cache import PagedKVPool, dequantize_int8, quantize_int8
+from mmr1.engine.runner import forward_paged
+from mmr1.generation import generate
+from mmr1.kv_cache import KVCache
+from mmr1.model import MultimodalR1
+from test_generation import PROMPTS, modality_tokens, tiny_model
+from test_model import tiny_config
+
+SMALL = dict(block_size=4, max_batch=3, max_num_batched_tokens=8, prefill_chunk=3)
+
+
+def reference(model, prompt, n, cross_states=None, **kw):
+    return generate(model, [prompt], max_new_tokens=n, cross_states=cross_states, **kw)[0]
+
+
+def drain(eng: Engine) -> None:
+    while eng.has_unfinished():
+        eng.step()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_mixed_batch_equals_single_request_greedy(chunked):
+    model = tiny_model()
+    cross_states, cross_mask = modality_tokens()
+    cfg = EngineConfig(**SMALL) if chunked else EngineConfig(block_size=8)
+    eng = Engine(model, config=cfg)
+    prompts = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [8]]
+    lengths = [8, 3, 12, 6, 9, 5]
+    ids, refs = [], []
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        cs = cross_states[i % 4][cross_mask[i % 4]] if i % 3 else None  # text-only and modality rows mixed
+        ids.append(eng.add_request(p, sampling=SamplingParams(max_new_tokens=n), cross_states=cs))
+        refs.append(reference(model, p, n, None if cs is None else cs[None]))
+    drain(eng)
+    assert [eng.output(i).token_ids for i in ids] == refs
+    assert len({tuple(r) for r in refs}) == len(refs)
+    eng.check_no_leaks()
+
+
+def multimodal_model():
+    torch.manual_seed(0)
+    model = MultimodalR1(tiny_config()).eval()
+    model.backbone.init_weights(std=0.3)
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            block.cross_attn.gate.fill_(0.8)
+    return model
+
+
+def raw_inputs(seed):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 255, (40, 40, 3), dtype=np.uint8),
+            "audio": (rng.standard_normal(3000 + 1000 * seed).astype(np.float32), 16000)}
+
+
+def multimodal_reference(model, prompt, inputs, n):
+    """The pre-engine path: collate this request's inputs alone, encode + fuse, then generate()."""
+    modalities = {}
+    for key, source in inputs.items():
+        proc = model.encoders[key].processor
+        modalities[key] = {**proc.collate([proc(source)]), "present": torch.tensor([True])}
+    with torch.no_grad():
+        cs, cm = model.encode_batch(modalities, 1)
+    return generate(model.backbone, [prompt], cross_states=cs, cross_mask=cm, max_new_tokens=n)[0]
+
+
+@pytest.mark.parametrize("async_encoding", [True, False])
+def test_image_audio_text_mix_equals_single_request_greedy(async_encoding):
+    model = multimodal_model()
+    eng = Engine(model, config=EngineConfig(**SMALL, async_encoding=async_encoding))
+    kinds = [("image",), ("audio",), ("image", "audio"), (), ("audio", "image"), ()]
+    requests = []
+    for i, kind in enumerate(kinds):
+        inputs = {k: raw_inputs(i)[k] for k in kind}
+        prompt = [1 + i, 3, *range(10, 10 + 2 * i), 4]
+        requests.append({"prompt": prompt, **inputs, "sampling": SamplingParams(max_new_tokens=6 + i % 3)})
+    outs = eng.generate(requests)
+    refs = [multimodal_reference(model, r["prompt"], {k: r[k] for k in ("image", "audio") if k in r},
+                                 r["sampling"].max_new_tokens) for r in requests]
+    assert [o.token_ids for o in outs] == refs
+    assert refs[0] != refs[1] != refs[2]  # the modalities matter
+    eng.check_no_leaks()
+    eng.close()
+
+
+def test_paged_cache_equals_contiguous_cache():
+    model = tiny_model(cross_attn_layers=())
+    torch.manual_seed(5)
+    seqs = [torch.randint(0, 64, (n,)).tolist() for n in (11, 4, 7)]
+    reference_logits = []
+    for seq in seqs:  # contiguous KVCache, one token at a time after a 3-token prefill
+        cache = KVCache.for_model(model.cfg, 1, max_len=len(seq))
+        with torch.no_grad():
+            parts = [model(torch.tensor([seq[:3]]), cache=cache).logits[0]]
+            parts += [model(torch.tensor([[t]]), position_ids=torch.tensor([[p]]), cache=cache).logits[0]
+                      for p, t in enumerate(seq[3:], start=3)]
+        reference_logits.append(torch.cat(parts))
+    pool = PagedKVPool.for_model(model.cfg, num_blocks=16, block_size=4, dtype=torch.float32)
+    tables = [[0, 5, 9], [2], [7, 1]]  # scattered, non-contiguous pages
+    schedule = [(5, 4, 2), (1, 0, 3), (4, 0, 1), (1, 0, 1)]  # tokens fed per row per step (0 = idle)
+    done, paged = [0, 0, 0], [[], [], []]
+    for step in schedule:
+        rows = [i for i in range(3) if step[i]]
+        logits = forward_paged(model, pool, [seqs[i][done[i]:done[i] + step[i]] for i in rows],
+                               [done[i] for i in rows], [tables[i] for i in rows])
+        for r, i in enumerate(rows):
+            paged[i].append(logits[r, :step[i]])
+            done[i] += step[i]
+    for i in range(3):
+        torch.testing.assert_close(torch.cat(paged[i]), reference_logits[i], atol=1e-5, rtol=0)
+
+
+def test_int8_kv_cache_quantizes_per_token_and_head():
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 16) * torch.logspace(-2, 1, 5)[:, None, None]  # very different per-token ranges
+    q, scale = quantize_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (5, 2)
+    assert ((dequantize_int8(q, scale, torch.float32) - x).abs() <= scale[..., None] / 2 + 1e-7).all()
+    cfg = tiny_model().cfg
+    fp32 = PagedKVPool.for_model(cfg, 4, 4, torch.float32)
+    int8 = PagedKVPool.for_model(cfg, 4, 4, torch.float32, "int8")
+    assert int8.keys[0].dtype == torch.int8
+    assert int8.bytes_per_token() / fp32.bytes_per_token() == (cfg.head_dim + 4) / (4 * cfg.head_dim)
+
+
+def test_int8_engine_stays_close_to_full_precision():
+    model = tiny_model()
+    prompts = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6]]
+    exact = Engine(model, config=EngineConfig(**SMALL)).generate(prompts, SamplingParams(max_new_tokens=10))
+    quant = Engine(model, config=EngineConfig(**SMALL, kv_cache_dtype="int8")).generate(
+        prompts, SamplingParams(max_new_tokens=10))
+    agree = sum(a == b for e, q in zip(exact, quant) for a, b in zip(e.token_ids, q.token_ids))
+    assert agree >= 0.8 * sum(len(e.token_ids) for e in exact)
+
+
+def test_per_request_seeds_reproduce_single_request_sampling():
+    model = tiny_model()
+    settings = [SamplingParams(max_new_tokens=8, temperature=1.3, top_k=10, seed=1),
+                SamplingParams(max_new_tokens=8),
+                SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=2),
+                SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)]
+    outs = Engine(model, config=EngineConfig(**SMALL)).generate(
+        [{"prompt": p, "sampling": s} for p, s in zip(PROMPTS, settings)])
+    for p, s, o in zip(PROMPTS, settings, outs):
+        g = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+        assert o.token_ids == reference(model, p, 8, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                        generator=g)
+    alone = Engine(model).generate([{"prompt": PROMPTS[2], "sampling": settings[2]}])[0]
+    assert alone.token_ids == outs[2].token_ids  # batch composition doesn't change a seeded sample
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    model = tiny_model(cross_attn_layers=())
+    processor = RepetitionPenaltyLogitsProcessor(1.8)
+    for prompt in PROMPTS[:2]:
+        seq = list(prompt)
+        for _ in range(10):  # reference: no cache, HF's processor on the full sequence
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[:, -1]
+            seq.append(int(processor(torch.tensor([seq]), logits).argmax()))
+        out = Engine(model).generate([prompt], SamplingParams(max_new_tokens=10, repetition_penalty=1.8))[0]
+        assert out.token_ids == seq[len(prompt):]
+        assert out.token_ids != reference(model, prompt, 10)
+
+
+def test_streaming_fronts_yield_the_same_tokens():
+    model = tiny_model(cross_attn_layers=())
+    refs = [reference(model, p, 7) for p in PROMPTS[:3]]
+    eng = Engine(model, config=EngineConfig(**SMALL))
+    ids = [eng.add_request(p, sampling=SamplingParams(max_new_tokens=7)) for p in PROMPTS[:3]]
+    assert list(eng.iter_tokens(ids[1])) == refs[1]  # steps everyone: the others progressed too
+    assert [list(eng.iter_tokens(i)) for i in ids] == [refs[0], [], refs[2]]  # a token is handed out once
+
+    async def consume(prompt, limit=None):
+        out = []
+        async for token in eng.stream(prompt, sampling=SamplingParams(max_new_tokens=7)):
+            out.append(token)
+            if limit is not None and len(out) == limit:
+                break  # a client going away: the request is aborted
+        return out
+
+    async def main():
+        return await asyncio.gather(*(consume(p) for p in PROMPTS[:3]), consume(PROMPTS[3], limit=2))
+
+    results = asyncio.run(main())
+    assert results[:3] == refs and results[3] == reference(model, PROMPTS[3], 2)
+    assert not eng.has_unfinished()
+    eng.check_no_leaks()

@@ -1,0 +1,122 @@
+"""Speculative decoding in the engine: greedy output is identical to plain greedy with prompt-lookup and with
+draft-model drafts (inside continuous batching and at batch 1), and rejection sampling keeps the target's
+distribution (checked statistically on a 4-token vocabulary with fixed seeds)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmr1.backbone import R1Model
+from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig
+from mmr1.engine.speculative import ngram_propose, truncated_draft, verify
+from test_engine import SMALL, multimodal_model, multimodal_reference, raw_inputs, reference
+from test_generation import PROMPTS, modality_tokens, tiny_model
+
+MIXED = PROMPTS + [[3, 1, 4, 1, 5, 3, 1, 4, 1], [9, 9, 9, 9]]
+
+
+def small_draft(model: R1Model | None = None) -> R1Model:
+    """The target's first two of three blocks (+ its norm and head): a cheaper model that often agrees."""
+    return truncated_draft(model if model is not None else tiny_model(), 2)
+
+
+def test_truncated_draft_is_the_targets_first_layers():
+    model = tiny_model()
+    draft = small_draft(model)
+    assert draft.cfg.n_layers == 2 and draft.cfg.cross_attn_layers == [1]
+    assert torch.equal(draft.layers[1].attn.wq.weight, model.layers[1].attn.wq.weight)
+    with pytest.raises(ValueError, match="n_layers"):
+        truncated_draft(model, 3)
+
+
+def test_ngram_propose_takes_the_continuation_of_the_latest_longest_match():
+    assert ngram_propose([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], k=2) == [7, 1]  # latest "1 2 3" is followed by 7
+    assert ngram_propose([5, 6, 5], k=3, ngram_max=2) == [6, 5]
+    assert ngram_propose([1, 2, 3], k=3) == []
+
+
+@pytest.mark.parametrize("method,max_batch", [("ngram", 3), ("draft", 3), ("ngram", 1), ("draft", 1)])
+def test_speculative_greedy_equals_plain_greedy(method, max_batch):
+    model = tiny_model()
+    cross_states, cross_mask = modality_tokens()
+    spec = SpeculativeConfig(method=method, num_draft_tokens=3)
+    eng = Engine(model, config=EngineConfig(**{**SMALL, "max_batch": max_batch}, speculative=spec),
+                 draft=small_draft() if method == "draft" else None)
+    ids, refs = [], []
+    for i, p in enumerate(MIXED):
+        cs = cross_states[i % 4][cross_mask[i % 4]] if i % 2 else None
+        ids.append(eng.add_request(p, sampling=SamplingParams(max_new_tokens=12), cross_states=cs))
+        refs.append(reference(model, p, 12, None if cs is None else cs[None]))
+    while eng.has_unfinished():
+        eng.step()
+    assert [eng.output(i).token_ids for i in ids] == refs
+    assert eng.stats["drafted"] > 0 and 0 < eng.stats["accepted"] <= eng.stats["drafted"]
+    eng.check_no_leaks()
+
+
+def test_the_target_as_its_own_draft_accepts_everything_in_fewer_steps():
+    model = tiny_model(cross_attn_layers=())
+    plain = Engine(model, config=EngineConfig(max_batch=1))
+    spec = Engine(model, config=EngineConfig(max_batch=1, speculative=SpeculativeConfig("draft", 4)), draft=model)
+    a = plain.generate([MIXED[4]], SamplingParams(max_new_tokens=15))[0]
+    b = spec.generate([MIXED[4]], SamplingParams(max_new_tokens=15))[0]
+    assert a.token_ids == b.token_ids
+    assert spec.stats["accepted"] == spec.stats["drafted"] > 0
+    assert spec.stats["steps"] <= 1 + 15 // 5 + 1 < plain.stats["steps"]
+
+
+def test_multimodal_draft_with_its_own_encoders():
+    model = multimodal_model()
+    torch.manual_seed(3)
+    draft = multimodal_model()  # same architecture, its own (different) weights and encoders
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eng = Engine(model, config=EngineConfig(**SMALL, speculative=SpeculativeConfig("draft", 2)), draft=draft)
+    requests = [{"prompt": [1, 3, 10, 4], **raw_inputs(0)}, {"prompt": [2, 3, 4], "audio": raw_inputs(1)["audio"]},
+                {"prompt": [5, 6, 4]}]
+    outs = eng.generate(requests, SamplingParams(max_new_tokens=8))
+    refs = [multimodal_reference(model, r["prompt"], {k: r[k] for k in ("image", "audio") if k in r}, 8)
+            for r in requests]
+    assert [o.token_ids for o in outs] == refs
+    assert eng.stats["accepted"] > 0
+    eng.close()
+
+
+def empirical(samples: list[int], vocab: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(samples), minlength=vocab).float() / len(samples)
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_rejection_sampling_keeps_the_target_distribution(drafter):
+    """Target p_j per position, draft q_j: the first emitted token must follow p_0, and the second (when the
+    first draft was accepted) p_1, whatever q is. 20000 trials: a frequency's sd is <= 0.0036."""
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]])
+    params = SamplingParams(temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    first, second, accepted = [], [], 0
+    for _ in range(20000):
+        if drafter == "model":
+            drafts = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(2)]
+            out, n = verify(p.log(), drafts, params, [], g, [q[0], q[1]])
+        else:
+            out, n = verify(p.log(), [3, 0], params, [], g)  # a fixed (point-mass) prompt-lookup proposal
+        accepted += n
+        first.append(out[0])
+        if n >= 1:
+            second.append(out[1])
+    assert (empirical(first, 4) - p[0]).abs().max() < 0.015
+    assert (empirical(second, 4) - p[1]).abs().max() < 0.02
+    # Acceptance rate of the first draft is sum_x min(p, q) for a model draft, p(d) for a point mass.
+    expected_first = float(torch.minimum(p[0], q[0]).sum()) if drafter == "model" else float(p[0, 3])
+    assert abs(len(second) / 20000 - expected_first) < 0.015
+
+
+def test_speculative_sampling_is_seeded_and_leak_free():
+    model = tiny_model(cross_attn_layers=())
+    cfg = EngineConfig(**SMALL, speculative=SpeculativeConfig("draft", 3))
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, seed=4)
+    runs = [Engine(model, config=cfg, draft=small_draft()).generate(MIXED[:3], params) for _ in range(2)]
+    assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]
+    assert all(len(o.token_ids) == 10 for o in runs[0])
