@@ -294,22 +294,22 @@ class MMR1LightningModule(L.LightningModule):
 
 
 def rng_states() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU + CUDA) RNG states as plain data (checkpoints load with weights_only)."""
+    """Python, NumPy and torch (CPU + CUDA) RNG states as plain lists (all_gather_object-able; checkpoints
+    still load with weights_only=True)."""
     version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    out = {"python": [version, list(state), gauss], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                              *np_state[2:]],
-           "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": [version, list(state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+           "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return out
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
     version, state, gauss = states["python"]
     random.setstate((version, tuple(state), gauss))
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
