@@ -48,14 +48,19 @@ def scale_config(base: Path, out: Path, *, batch_size: int, devices: int = 1, st
             cb["init_args"].update(dirpath=str(out / "checkpoints"), monitor=None, filename="step{step}")
             cb["init_args"].pop("mode", None)
     cfg["data"].update(batch_size=batch_size, **(data or {}))
-    for key, value in (model or {}).items():
-        if isinstance(value, dict) and isinstance(cfg["model"].get(key), dict):
-            cfg["model"][key].update(value)
-        else:
-            cfg["model"][key] = value
+    deep_update(cfg["model"], model or {})
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def deep_update(target: dict, updates: dict) -> dict:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_update(target[key], value)
+        else:
+            target[key] = value
+    return target
 
 
 def run_fit(config: Path, *extra: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:

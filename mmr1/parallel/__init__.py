@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mmr1.parallel.config import ParallelConfig
@@ -34,8 +36,20 @@ def expert_meshes(device_mesh: DeviceMesh, ep: int) -> tuple[DeviceMesh, DeviceM
     return mesh["expert_parallel"], mesh["expert_replicate"]
 
 
+@torch.no_grad()
+def broadcast_module_states(model: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Copy rank `src`'s parameters and buffers to every rank (DDP does this when it wraps a model; sharding
+    does not, and each rank keeping its shard of its *own* initialisation would build a model no rank has)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=src)
+    return model
+
+
 def apply_parallelism(model, device_mesh: DeviceMesh, cfg: ParallelConfig):
-    """TP -> EP -> activation checkpointing -> FSDP, in place; returns the model."""
+    """TP -> EP -> activation checkpointing -> FSDP, in place; returns the model. Every rank starts from rank
+    0's weights."""
+    broadcast_module_states(model)
     if cfg.tensor_parallel_size > 1:
         if device_mesh["tensor_parallel"].size() != cfg.tensor_parallel_size:
             raise ValueError(f"parallel.tensor_parallel_size={cfg.tensor_parallel_size} but the strategy's mesh has "
@@ -56,4 +70,4 @@ def apply_parallelism(model, device_mesh: DeviceMesh, cfg: ParallelConfig):
     return model
 
 
-__all__ = ["ParallelConfig", "apply_parallelism", "expert_meshes"]
+__all__ = ["ParallelConfig", "apply_parallelism", "broadcast_module_states", "expert_meshes"]
