@@ -47,6 +47,7 @@ class MultimodalDataModule(lightning.LightningDataModule):
         self.datasets: dict[str, MultimodalDataset] = {}
         self.skip_report: dict[str, dict] = {}  # split -> {"records", "skipped", "errors"}
         self._resume: dict | None = None  # the training position of the checkpoint being resumed
+        self._train_sampler: ResumableSampler | None = None
 
     def attach(self, processors: Mapping[str, Any], tokenizer: Any) -> "MultimodalDataModule":
         """Use these (ordered) processors and this tokenizer instead of the trainer's model's."""
@@ -90,8 +91,8 @@ class MultimodalDataModule(lightning.LightningDataModule):
         world, rank = self._data_parallel_rank()
         sampler = ResumableSampler(self._dataset("train"), self.batch_size, world, rank, shuffle=self.shuffle,
                                    seed=self.seed)
-        if self._resume is not None:
-            sampler.resume(self._resume["epoch"], self._resumed_batches(world))
+        self._train_sampler = sampler
+        self._apply_resume()
         # The loader's own generator draws the worker base seed, so iterating it leaves the global RNG alone.
         return self._loader("train", sampler=sampler, generator=torch.Generator().manual_seed(self.seed))
 
@@ -134,6 +135,13 @@ class MultimodalDataModule(lightning.LightningDataModule):
             raise ValueError(f"data.seed={self.seed} but the checkpoint was trained with data.seed={state['seed']}; "
                              "resuming would change the data order")
         self._resume = dict(state)
+        # Strategies that restore after setup (FSDP) have built the train loader already (for the LR schedule's
+        # step count): hand the position to its sampler, which reads it when the epoch's iteration starts.
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        if self._resume is not None and self._train_sampler is not None:
+            self._train_sampler.resume(self._resume["epoch"], self._resumed_batches(self._train_sampler.num_replicas))
 
     def _resumed_batches(self, world: int) -> int:
         samples, global_batch = self._resume["samples"], self.batch_size * world

@@ -32,8 +32,10 @@ def lightning_main(argv: list[str]) -> int:
     from data_pipelines.datamodule import MultimodalDataModule
     from mmr1.training import MMR1LightningModule
 
+    # Checkpoints are written atomically unless the YAML names other plug-ins (see mmr1.checkpoint).
+    defaults = {"plugins": [{"class_path": "mmr1.checkpoint.AtomicCheckpointIO"}]}
     LightningCLI(MMR1LightningModule, MultimodalDataModule, args=argv, auto_configure_optimizers=False,
-                 parser_kwargs={"prog": "mmr1"})
+                 parser_kwargs={"prog": "mmr1"}, trainer_defaults=defaults)
     return 0
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +85,15 @@ def train_losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
                 if row.get(key):
                     losses[int(row["step"])] = float(row[key])
     return losses
+
+
+class KillAtStep(lightning.Callback):
+    """SIGKILL the own process (every rank runs it) right after optimizer step `step`, before any checkpoint of
+    that step is written: a crash in the middle of an epoch."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
