@@ -47,7 +47,9 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[MultimodalR1, R1Tokenizer]:
+def model_from_checkpoint(path: str | Path, merge: bool = True) -> tuple[MultimodalR1, R1Tokenizer]:
+    """The model a checkpoint holds and its tokenizer; LoRA adapters, if any, merged into the weights unless
+    `merge=False`."""
     checkpoint = read_checkpoint(path)
     config = MultimodalConfig.from_dict(checkpoint["mmr1"]["config"])
     tokenizer = R1Tokenizer(Tokenizer.from_str(checkpoint["mmr1"]["tokenizer"]))
@@ -57,7 +59,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultimodalR1, R1Tokenizer]:
     else:
         state = {k[len(MODEL_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
         model.load_state_dict(state, strict=True)
-    return _merged(model).eval(), tokenizer
+    return (_merged(model) if merge else model).eval(), tokenizer
 
 
 def _model_for(checkpoint: dict, config: MultimodalConfig) -> MultimodalR1:
@@ -88,11 +90,16 @@ def load_sharded_weights(model: MultimodalR1, path: str | Path) -> MultimodalR1:
     return model
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
-    """Checkpoint (file or sharded directory; LoRA adapters merged) -> `from_pretrained` directory."""
+def export_checkpoint(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False,
+                      merge_lora: bool = False) -> Path:
+    """Checkpoint (file or sharded directory) -> `from_pretrained` directory. A LoRA checkpoint needs
+    `merge_lora=True`: the export format is a plain model, the adapters folded into its weights."""
     output = Path(output)
     if (output / CONFIG_NAME).exists() and not overwrite:
         raise FileExistsError(f"{output} already holds an exported model; pass --overwrite to replace it")
+    if (read_checkpoint(checkpoint).get("hyper_parameters") or {}).get("lora") and not merge_lora:
+        raise ValueError(f"{checkpoint} was trained with LoRA adapters (model.lora); pass --merge-lora to export "
+                         "the merged plain model")
     model, tokenizer = model_from_checkpoint(checkpoint)
     return model.save_pretrained(output, tokenizer)
 

@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from mmr1.config import R1Config, config_to_dict
 from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
 from mmr1.moe import MoEAux, MoEFeedForward
+from mmr1.lora import LoRAConfig, apply_lora, parameter_counts
 from mmr1.parallel.config import ParallelConfig
 from mmr1.telemetry import MOE_OUTPUTS_KEY
 from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
@@ -51,7 +53,8 @@ class MMR1LightningModule(L.LightningModule):
                  lr: float = 1e-3, encoder_lr_scale: float = 1.0, gate_lr_scale: float = 1.0,
                  weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, min_lr_ratio: float = 0.1,
-                 parallel: Optional[ParallelConfig] = None):
+                 parallel: Optional[ParallelConfig] = None, lora: Optional[LoRAConfig] = None,
+                 trainable: Optional[list[str]] = None):
         """
         Args:
             tokenizer: a tokenizer.json (or a directory holding one); modality markers for the configured
@@ -65,6 +68,9 @@ class MMR1LightningModule(L.LightningModule):
                 lr * gate_lr_scale (a scalar gate starting at 0 opens slowly at the network's learning rate).
             parallel: data parallel (ddp | fsdp), tensor/expert-parallel sizes, activation checkpointing, FSDP
                 mixed precision; applied in `configure_model` (see mmr1.parallel and docs/scaling.md).
+            lora: train low-rank adapters (peft) instead of the backbone weights; see mmr1.lora.
+            trainable: staged recipes -- regexes of the parameter names that train (e.g. ["^projectors\\.",
+                "modality_embeddings"] for projector-only alignment); every other parameter is frozen.
         """
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
@@ -84,6 +90,10 @@ class MMR1LightningModule(L.LightningModule):
             load_hf_weights(self.model.backbone, init_from_hf)
         if init_from:
             self._load_init(init_from)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
+        if trainable is not None:
+            select_trainable(self.model, trainable)
         # The init arguments as plain data: loggers show them, LightningCLI re-applies them for `--ckpt_path`,
         # and checkpoints stay loadable with torch.load(weights_only=True).
         self.save_hyperparameters({"tokenizer": str(tokenizer), "backbone": config_to_dict(backbone),
@@ -91,7 +101,9 @@ class MMR1LightningModule(L.LightningModule):
                                    "init_from": init_from, "init_from_hf": init_from_hf, "lr": lr,
                                    "encoder_lr_scale": encoder_lr_scale, "gate_lr_scale": gate_lr_scale, "weight_decay": weight_decay,
                                    "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
-                                   "parallel": config_to_dict(self.parallel_config)})
+                                   "parallel": config_to_dict(self.parallel_config),
+                                   "lora": config_to_dict(lora) if lora is not None else None,
+                                   "trainable": list(trainable) if trainable is not None else None})
         moe = backbone.moe
         self.aux_loss_coef = moe.aux_loss_coef if moe else 0.0
         self.seq_aux_loss_coef = moe.seq_aux_loss_coef if moe else 0.0
@@ -110,6 +122,13 @@ class MMR1LightningModule(L.LightningModule):
 
     def processors(self):
         return self.model.processors()
+
+    def on_fit_start(self) -> None:
+        counts = parameter_counts(self.model)
+        rank_zero_info(f"mmr1: {counts['trainable']:,} of {counts['total']:,} parameters train "
+                       f"({100 * counts['trainable'] / max(1, counts['total']):.2f} %)")
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]}, step=0)
 
     # ---- parallelism ------------------------------------------------------------------------------
     @property
@@ -291,6 +310,24 @@ class MMR1LightningModule(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         if states and len(states) == (self.trainer.world_size if self._trainer is not None else 1):
             set_rng_states(states[rank])
+
+
+def select_trainable(model: torch.nn.Module, patterns: list[str]) -> torch.nn.Module:
+    """Train exactly the parameters whose name matches one of the regexes `patterns` (in place)."""
+    import re
+
+    matched = 0
+    for name, param in model.named_parameters():
+        train = any(re.search(p, name) for p in patterns)
+        param.requires_grad_(train)
+        matched += train
+    if not matched:
+        raise ValueError(f"model.trainable={patterns} matches no parameter name (names look like "
+                         f"{[n for n, _ in model.named_parameters()][:3]})")
+    for encoder in getattr(model, "encoders", {}).values():  # an encoder with nothing to train runs frozen
+        if not any(p.requires_grad for p in encoder.parameters()):
+            encoder.set_frozen(True)
+    return model
 
 
 def rng_states() -> dict[str, Any]:
