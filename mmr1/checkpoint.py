@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,7 +86,9 @@ def load_sharded_weights(model: MultimodalR1, path: str | Path) -> MultimodalR1:
 
     state = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
     wrapped = {"state_dict": state}
-    dcp.load(wrapped, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is exactly the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(wrapped, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in wrapped["state_dict"].items()}, strict=True)
     return model
 

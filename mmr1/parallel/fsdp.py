@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Optional
 
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -75,7 +74,3 @@ class FSDPStrategy(ModelParallelStrategy):
         self._tensor_parallel_size, self._data_parallel_size = tp, world // tp
         super().setup_environment()
 
-
-def is_fsdp_module(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(module, FSDPModule)
