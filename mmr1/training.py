@@ -70,7 +70,7 @@ class MMR1LightningModule(L.LightningModule):
                 mixed precision; applied in `configure_model` (see mmr1.parallel and docs/scaling.md).
             lora: train low-rank adapters (peft) instead of the backbone weights; see mmr1.lora.
             trainable: staged recipes -- regexes of the parameter names that train (e.g. ["^projectors\\.",
-                "modality_embeddings"] for projector-only alignment); every other parameter is frozen.
+                "modality_embeddings", "\\.cross_attn\\."] for connector-only alignment); everything else is frozen.
         """
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
@@ -111,6 +111,7 @@ class MMR1LightningModule(L.LightningModule):
         # Per MoE layer, the expert loads the router chose since the last optimizer step (aux-free balancing).
         self._expert_load: list[torch.Tensor] = []
         self._step_started = 0.0
+        self._parallel_applied = False
 
     def _load_init(self, directory: str) -> None:
         from safetensors.torch import load_model
@@ -139,7 +140,7 @@ class MMR1LightningModule(L.LightningModule):
         """Apply the `parallel:` config (TP, EP, activation checkpointing, FSDP). Lightning calls this once the
         processes and the device mesh exist, for every stage: applying twice is a no-op."""
         cfg = self.parallel_config
-        if getattr(self, "_parallel_applied", False):
+        if self._parallel_applied:
             return
         self._parallel_applied = True
         if cfg.needs_model_parallel_strategy:
