@@ -123,9 +123,11 @@ def _check_mode(rank: int, world: int, mode: str) -> None:
     else:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from mmr1.parallel.fsdp import apply_fsdp
+        from mmr1.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
         cfg = ParallelConfig(data_parallel="fsdp", param_dtype="bfloat16" if mode == "fsdp_bf16" else None,
                              reduce_dtype="float32" if mode == "fsdp_bf16" else None)
+        if mode == "fsdp_ac":  # the order apply_parallelism uses: checkpointing, then sharding
+            apply_activation_checkpointing(model)
         wrapped = apply_fsdp(model, init_device_mesh("cpu", (world,)), cfg)
     for step, rows in enumerate(STEPS):
         full = make_batch(reference, rows, seed=step)
@@ -171,8 +173,10 @@ def _slice_modalities(modalities: dict, rows: slice) -> dict:
 
 @pytest.mark.slow
 def test_two_ranks_with_different_modalities_match_one_process(tmp_path):
-    """DDP (no find_unused_parameters), FSDP2 and FSDP2 with bf16 parameters / fp32 reduction, in turn."""
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), ["ddp", "fsdp", "fsdp_bf16"]), nprocs=2, join=True)
+    """DDP (no find_unused_parameters), FSDP2, FSDP2 with activation checkpointing, and FSDP2 with bf16
+    parameters / fp32 reduction, in turn."""
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), ["ddp", "fsdp", "fsdp_ac", "fsdp_bf16"]), nprocs=2,
+             join=True)
 
 
 def test_activation_checkpointing_keeps_outputs_and_gradients():
