@@ -33,6 +33,10 @@ def apply_fsdp(model: MultimodalR1, dp_mesh: DeviceMesh, cfg: ParallelConfig,
         experts = getattr(block.ffn, "experts", None)
         if expert_mesh is not None and experts is not None:
             fully_shard(experts, mesh=expert_mesh, **kwargs)
+            # An expert's gradient already sums the tokens of its whole expert-parallel group (all-to-all
+            # backward); dividing by the full data-parallel size, not the replicate size, makes it the same mean
+            # over all ranks' tokens the other parameters get (torchtitan does the same).
+            experts.set_gradient_divide_factor(float(dp_mesh.size()))
         fully_shard(block, mesh=dp_mesh, **kwargs)
     # The root keeps its parameters gathered after forward: backward needs the lm head first anyway.
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
