@@ -4,6 +4,10 @@ Its init args are plain values so `LightningCLI` / jsonargparse can build it fro
 tokenizer belong to the model: pass them with `attach()`, or leave it to `setup()`, which takes them from
 `trainer.lightning_module.processors()` and `.tokenizer`. `setup()` reads and validates every manifest in the
 main process, so bad inputs fail (or are skipped and reported in `skip_report`) before any worker starts.
+
+The training order comes from `ResumableSampler` (seed, epoch, global batch): data-parallel ranks split each
+global batch, and `state_dict()` records how far into the epoch training got, so a run resumed from a mid-epoch
+checkpoint (`--ckpt_path last`) continues with exactly the batch the interrupted run would have taken next.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch.utils.data import DataLoader
 from data_pipelines.collate import MultimodalCollator
 from data_pipelines.dataset import MultimodalDataset
 from data_pipelines.manifest import read_manifest
+from data_pipelines.sampler import ResumableSampler
 
 SPLITS = ("train", "val", "test", "predict")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -24,7 +29,8 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 class MultimodalDataModule(lightning.LightningDataModule):
     def __init__(self, train_manifest: str, val_manifest: str | None = None, test_manifest: str | None = None,
                  predict_manifest: str | None = None, batch_size: int = 16, num_workers: int = 0,
-                 max_length: int = 256, skip_bad_records: bool = False, cache: bool = True, seed: int = 0):
+                 max_length: int = 256, skip_bad_records: bool = False, cache: bool = True, seed: int = 0,
+                 shuffle: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest,
@@ -35,10 +41,13 @@ class MultimodalDataModule(lightning.LightningDataModule):
         self.skip_bad_records = skip_bad_records
         self.cache = cache
         self.seed = seed
+        self.shuffle = shuffle  # False: train in manifest order (curricula, reproducing a given batch layout)
         self.processors: dict[str, Any] | None = None
         self.tokenizer: Any = None
         self.datasets: dict[str, MultimodalDataset] = {}
         self.skip_report: dict[str, dict] = {}  # split -> {"records", "skipped", "errors"}
+        self._resume: dict | None = None  # the training position of the checkpoint being resumed
+        self._train_sampler: ResumableSampler | None = None
 
     def attach(self, processors: Mapping[str, Any], tokenizer: Any) -> "MultimodalDataModule":
         """Use these (ordered) processors and this tokenizer instead of the trainer's model's."""
@@ -79,8 +88,13 @@ class MultimodalDataModule(lightning.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader("train", shuffle=True, generator=generator)
+        world, rank = self._data_parallel_rank()
+        sampler = ResumableSampler(self._dataset("train"), self.batch_size, world, rank, shuffle=self.shuffle,
+                                   seed=self.seed)
+        self._train_sampler = sampler
+        self._apply_resume()
+        # The loader's own generator draws the worker base seed, so iterating it leaves the global RNG alone.
+        return self._loader("train", sampler=sampler, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader | list:
         # No val manifest means no validation; Lightning treats an empty list as "nothing to validate on".
@@ -92,9 +106,53 @@ class MultimodalDataModule(lightning.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
 
-    def _loader(self, split: str, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+    def _dataset(self, split: str) -> MultimodalDataset:
         if split not in self.datasets:
             raise RuntimeError(f"no {split} dataset: set {split}_manifest and call setup() first")
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+        return self.datasets[split]
+
+    def _data_parallel_rank(self) -> tuple[int, int]:
+        """(replicas, rank) of data parallelism: the trainer's (ranks of one tensor-parallel group share data)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        kwargs = trainer.strategy.distributed_sampler_kwargs if trainer.world_size > 1 else None
+        return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
+
+    # ---- exact resume: where in the data the checkpoint was taken ---------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        world, _ = self._data_parallel_rank()
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches trained in this epoch
+        return {"seed": self.seed, "epoch": trainer.current_epoch, "samples": batches * self.batch_size * world}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if state["seed"] != self.seed:
+            raise ValueError(f"data.seed={self.seed} but the checkpoint was trained with data.seed={state['seed']}; "
+                             "resuming would change the data order")
+        self._resume = dict(state)
+        # Strategies that restore after setup (FSDP) have built the train loader already (for the LR schedule's
+        # step count): hand the position to its sampler, which reads it when the epoch's iteration starts.
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        if self._resume is not None and self._train_sampler is not None:
+            self._train_sampler.resume(self._resume["epoch"], self._resumed_batches(self._train_sampler.num_replicas))
+
+    def _resumed_batches(self, world: int) -> int:
+        samples, global_batch = self._resume["samples"], self.batch_size * world
+        if samples % global_batch:
+            raise ValueError(f"the checkpoint was taken after {samples} samples of epoch {self._resume['epoch']}, "
+                             f"not a whole number of global batches of {global_batch} (data.batch_size * "
+                             "data-parallel size): resume with the batch size and world size it was trained with")
+        return samples // global_batch
+
+    def _loader(self, split: str, sampler: ResumableSampler | None = None,
+                generator: torch.Generator | None = None) -> DataLoader:
+        return DataLoader(self._dataset(split), batch_size=self.batch_size, sampler=sampler, generator=generator,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=MultimodalCollator(self.tokenizer.pad_id, self.processors))

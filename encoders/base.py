@@ -36,6 +36,18 @@ class ModalityProcessor:
         """
         raise NotImplementedError
 
+    def dummy_input(self) -> torch.Tensor:
+        """One preprocessed item (what `preprocess` returns) of the smallest valid size and no content.
+
+        Distributed training runs every encoder on every rank in every step, also where the rank's batch lacks
+        the modality (a "zero-contribution pass", see `MultimodalR1.encode_batch(encode_absent=True)`), so that
+        all ranks run the same collectives in the same order. Plug-ins that train on several ranks implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} (modality {self.modality!r}) does not implement dummy_input(); distributed "
+            "training with batches that lack this modality on some rank needs it: return one preprocessed item "
+            "(the output of preprocess) of the smallest valid size")
+
     def __call__(self, source: Any) -> torch.Tensor:
         return self.preprocess(self.load(source))
 

@@ -67,6 +67,9 @@ class ImageProcessor(ModalityProcessor):
     def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
         return {"values": torch.stack(items), "mask": None}  # (N, 3, H, W)
 
+    def dummy_input(self) -> torch.Tensor:
+        return torch.zeros(3, *self.image_size)  # (3, H, W): the mean image after normalisation
+
 
 @register_encoder("clip_vit")
 class ClipViTEncoder(ModalityEncoder):

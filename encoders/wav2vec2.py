@@ -68,6 +68,9 @@ class AudioProcessor(ModalityProcessor):
         mask = torch.arange(values.shape[1])[None, :] < lengths[:, None]  # (N, S)
         return {"values": values, "mask": mask}
 
+    def dummy_input(self) -> torch.Tensor:
+        return torch.zeros(self.min_samples)  # (S,) silence, just long enough for one frame
+
 
 @register_encoder("wav2vec2")
 class Wav2Vec2Encoder(ModalityEncoder):

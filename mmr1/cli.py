@@ -3,6 +3,7 @@
     mmr1 fit|validate|test|predict --config configs/demo.yaml   # LightningCLI (all its flags, --print_config)
     mmr1 data synth --out data/demo                              # synthetic PNG/WAV data + manifests + tokenizer
     mmr1 export --checkpoint last.ckpt --output runs/demo/export # Lightning checkpoint -> from_pretrained dir
+                [--merge-lora]                                   #   (file or sharded dir; LoRA merged)
     mmr1 evaluate --model runs/demo/export --manifest data/demo/test.jsonl
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ def lightning_main(argv: list[str]) -> int:
     from data_pipelines.datamodule import MultimodalDataModule
     from mmr1.training import MMR1LightningModule
 
+    # Checkpoints are written atomically unless the YAML names other plug-ins (see mmr1.checkpoint).
+    defaults = {"plugins": [{"class_path": "mmr1.checkpoint.AtomicCheckpointIO"}]}
     LightningCLI(MMR1LightningModule, MultimodalDataModule, args=argv, auto_configure_optimizers=False,
-                 parser_kwargs={"prog": "mmr1"})
+                 parser_kwargs={"prog": "mmr1"}, trainer_defaults=defaults)
     return 0
 
 
@@ -60,14 +63,17 @@ def data_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmr1 export", description="Lightning checkpoint -> model directory")
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `mmr1 fit`")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a .ckpt written by `mmr1 fit` (a file, or a sharded FSDP checkpoint directory)")
     parser.add_argument("--output", required=True, help="directory for config.json, model.safetensors, tokenizer.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="fold LoRA adapters into the weights (required for checkpoints trained with model.lora)")
     args = parser.parse_args(argv)
 
     from mmr1.checkpoint import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
+    path = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, merge_lora=args.merge_lora)
     print(f"exported {args.checkpoint} -> {path}")
     return 0
 

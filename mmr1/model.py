@@ -121,20 +121,53 @@ class MultimodalR1(nn.Module):
             return None, None
         return torch.cat(states, dim=1), torch.cat(masks, dim=1)
 
-    def encode_batch(self, modalities: Mapping[str, Mapping[str, torch.Tensor]], batch_size: int
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The collated `batch["modalities"]` of the data pipeline -> cross-attention states and mask."""
-        encoded = {}
-        for key, item in modalities.items():
-            if key not in self.encoders:
-                raise KeyError(f"batch carries modality {key!r} but the model has encoders for {self.modalities}")
-            tokens, mask = self.encode_modality(key, item["values"], item.get("mask"))
-            encoded[key] = (tokens, mask, item["present"])
-        return self.fuse(encoded, batch_size)
+    def encode_batch(self, modalities: Mapping[str, Mapping[str, torch.Tensor]], batch_size: int,
+                     encode_absent: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The collated `batch["modalities"]` of the data pipeline -> cross-attention states and mask.
+
+        encode_absent: also run every modality the batch lacks, on its processor's `dummy_input()`, and the
+            cross-attention layers on a masked-out memory token when the batch has no modality at all; the
+            results enter as exact zeros (`0 * output`), so the outputs are bit-identical but every trainable
+            parameter takes part in the graph. Data-parallel ranks whose batches carry different modality sets
+            then run the same modules -- hence the same collectives (FSDP all-gathers, DDP gradient buckets) in
+            the same order -- and every parameter gets a gradient (zero where the modality was absent).
+        """
+        unknown = [key for key in modalities if key not in self.encoders]
+        if unknown:
+            raise KeyError(f"batch carries modality {unknown[0]!r} but the model has encoders for {self.modalities}")
+        encoded, anchor = {}, None
+        for key in self.modalities:  # one fixed order on every rank
+            if key in modalities:
+                item = modalities[key]
+                tokens, mask = self.encode_modality(key, item["values"], item.get("mask"))
+                encoded[key] = (tokens, mask, item["present"])
+            elif encode_absent:
+                zero = self._zero_contribution(key)
+                anchor = zero if anchor is None else anchor + zero
+        cross_states, cross_mask = self.fuse(encoded, batch_size)
+        if not encode_absent or not self.config.backbone.cross_attn_layers:
+            return cross_states, cross_mask
+        if cross_states is None:  # text only: one memory token that every row masks out (cross-attn outputs 0)
+            device = self.backbone.tok_embeddings.weight.device
+            cross_states = torch.zeros(batch_size, 1, self.config.backbone.dim, device=device)  # (B, 1, D)
+            cross_mask = torch.zeros(batch_size, 1, dtype=torch.bool, device=device)  # (B, 1)
+        if anchor is not None:
+            cross_states = cross_states + anchor.to(cross_states.dtype)  # x + 0.0 == x, bit for bit
+        return cross_states, cross_mask
+
+    def _zero_contribution(self, key: str) -> torch.Tensor:
+        """() an exact 0 computed from `key`'s encoder + projector on one dummy input."""
+        processor = self.encoders[key].processor
+        batch = processor.collate([processor.dummy_input()])
+        device = self.backbone.tok_embeddings.weight.device
+        mask = batch.get("mask")
+        tokens, _ = self.encode_modality(key, batch["values"].to(device), None if mask is None else mask.to(device))
+        return tokens.float().sum() * 0.0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                modalities: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> R1Output:
-        cross_states, cross_mask = self.encode_batch(modalities or {}, input_ids.shape[0])
+                modalities: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
+                encode_absent: bool = False) -> R1Output:
+        cross_states, cross_mask = self.encode_batch(modalities or {}, input_ids.shape[0], encode_absent)
         return self.backbone(input_ids, attention_mask=attention_mask, cross_states=cross_states,
                              cross_mask=cross_mask)
 

@@ -280,8 +280,10 @@ class ExpertTelemetry(Callback):
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must ask, or rank 0 waits forever.
+        log_dir = trainer.log_dir if self.heatmap and loads else None
         if self.heatmap and loads and trainer.is_global_zero:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "expert_load" / f"step{step:07d}.png"
+            path = Path(log_dir or trainer.default_root_dir) / "expert_load" / f"step{step:07d}.png"
             self.heatmap_paths.append(save_load_heatmap(loads, path, title=f"expert load, step {step}"))
 
     def _check_router(self, layer: str, window_load: torch.Tensor, step: int) -> None:

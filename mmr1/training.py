@@ -8,17 +8,22 @@ teacher-forced answer accuracy (per question type on validation) and tokens/s.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import defaultdict
 from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mmr1.config import R1Config, config_to_dict
 from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
 from mmr1.moe import MoEAux, MoEFeedForward
+from mmr1.lora import LoRAConfig, apply_lora, parameter_counts
+from mmr1.parallel.config import ParallelConfig
 from mmr1.telemetry import MOE_OUTPUTS_KEY
 from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
 
@@ -47,7 +52,9 @@ class MMR1LightningModule(L.LightningModule):
                  init_from_hf: Optional[str] = None,
                  lr: float = 1e-3, encoder_lr_scale: float = 1.0, gate_lr_scale: float = 1.0,
                  weight_decay: float = 0.05,
-                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, min_lr_ratio: float = 0.1):
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, min_lr_ratio: float = 0.1,
+                 parallel: Optional[ParallelConfig] = None, lora: Optional[LoRAConfig] = None,
+                 trainable: Optional[list[str]] = None):
         """
         Args:
             tokenizer: a tokenizer.json (or a directory holding one); modality markers for the configured
@@ -59,6 +66,11 @@ class MMR1LightningModule(L.LightningModule):
                 (and max_seq_len / dropout). The tokenizer must be the checkpoint's (see backbone_config_from_hf).
             lr: peak learning rate; encoders train at lr * encoder_lr_scale, and the cross-attention gates at
                 lr * gate_lr_scale (a scalar gate starting at 0 opens slowly at the network's learning rate).
+            parallel: data parallel (ddp | fsdp), tensor/expert-parallel sizes, activation checkpointing, FSDP
+                mixed precision; applied in `configure_model` (see mmr1.parallel and docs/scaling.md).
+            lora: train low-rank adapters (peft) instead of the backbone weights; see mmr1.lora.
+            trainable: staged recipes -- regexes of the parameter names that train (e.g. ["^projectors\\.",
+                "modality_embeddings", "\\.cross_attn\\."] for connector-only alignment); everything else is frozen.
         """
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
@@ -71,19 +83,27 @@ class MMR1LightningModule(L.LightningModule):
             backbone = backbone or R1Config()
             backbone.vocab_size = self.tokenizer.vocab_size
         self.model_config = MultimodalConfig(backbone=backbone, encoders=encoders)
+        self.parallel_config = parallel or ParallelConfig()
         self.model = MultimodalR1(self.model_config)
         if init_from_hf:
             from mmr1.hf_interop import load_hf_weights
             load_hf_weights(self.model.backbone, init_from_hf)
         if init_from:
             self._load_init(init_from)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
+        if trainable is not None:
+            select_trainable(self.model, trainable)
         # The init arguments as plain data: loggers show them, LightningCLI re-applies them for `--ckpt_path`,
         # and checkpoints stay loadable with torch.load(weights_only=True).
         self.save_hyperparameters({"tokenizer": str(tokenizer), "backbone": config_to_dict(backbone),
                                    "encoders": {k: config_to_dict(v) for k, v in encoders.items()},
                                    "init_from": init_from, "init_from_hf": init_from_hf, "lr": lr,
                                    "encoder_lr_scale": encoder_lr_scale, "gate_lr_scale": gate_lr_scale, "weight_decay": weight_decay,
-                                   "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio})
+                                   "betas": list(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
+                                   "parallel": config_to_dict(self.parallel_config),
+                                   "lora": config_to_dict(lora) if lora is not None else None,
+                                   "trainable": list(trainable) if trainable is not None else None})
         moe = backbone.moe
         self.aux_loss_coef = moe.aux_loss_coef if moe else 0.0
         self.seq_aux_loss_coef = moe.seq_aux_loss_coef if moe else 0.0
@@ -91,6 +111,7 @@ class MMR1LightningModule(L.LightningModule):
         # Per MoE layer, the expert loads the router chose since the last optimizer step (aux-free balancing).
         self._expert_load: list[torch.Tensor] = []
         self._step_started = 0.0
+        self._parallel_applied = False
 
     def _load_init(self, directory: str) -> None:
         from safetensors.torch import load_model
@@ -103,11 +124,47 @@ class MMR1LightningModule(L.LightningModule):
     def processors(self):
         return self.model.processors()
 
+    def on_fit_start(self) -> None:
+        counts = parameter_counts(self.model)
+        rank_zero_info(f"mmr1: {counts['trainable']:,} of {counts['total']:,} parameters train "
+                       f"({100 * counts['trainable'] / max(1, counts['total']):.2f} %)")
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]}, step=0)
+
+    # ---- parallelism ------------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def configure_model(self) -> None:
+        """Apply the `parallel:` config (TP, EP, activation checkpointing, FSDP). Lightning calls this once the
+        processes and the device mesh exist, for every stage: applying twice is a no-op."""
+        cfg = self.parallel_config
+        if self._parallel_applied:
+            return
+        self._parallel_applied = True
+        if cfg.needs_model_parallel_strategy:
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            from mmr1.parallel import apply_parallelism
+            if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+                raise ValueError(f"model.parallel asks for data_parallel={cfg.data_parallel!r}, tensor_parallel_size="
+                                 f"{cfg.tensor_parallel_size}, expert_parallel_size={cfg.expert_parallel_size}, which "
+                                 f"needs trainer.strategy mmr1.parallel.fsdp.FSDPStrategy (a ModelParallelStrategy), "
+                                 f"not {type(self.trainer.strategy).__name__}; see configs/scale/fsdp.yaml")
+            apply_parallelism(self.model, self.device_mesh, cfg)
+        elif cfg.activation_checkpointing:
+            from mmr1.parallel.fsdp import apply_activation_checkpointing
+            apply_activation_checkpointing(self.model)
+
     # ---- steps ------------------------------------------------------------------------------------
-    def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("modalities"))
+    def _forward(self, batch: dict[str, Any], train: bool = False) -> dict[str, Any]:
+        # With several ranks every rank runs every encoder (zero-contribution passes for absent modalities): the
+        # same collectives in the same order whatever modalities each rank's batch carries.
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("modalities"),
+                         encode_absent=self.distributed)
         targets = shifted_targets(batch["labels"])
-        lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        lm_loss, lm_loss_value = self._lm_loss(out.logits, targets, global_tokens=train and self.distributed)
         seq_aux_loss = summed_moe_loss(out.moe_aux, "seq_aux_loss", lm_loss)
         z_loss = summed_moe_loss(out.moe_aux, "z_loss", lm_loss)
         loss = lm_loss + self.aux_loss_coef * out.aux_loss
@@ -115,15 +172,34 @@ class MMR1LightningModule(L.LightningModule):
             loss = loss + self.seq_aux_loss_coef * seq_aux_loss
         if self.z_loss_coef:
             loss = loss + self.z_loss_coef * z_loss
-        return {"lm_loss": lm_loss, "aux_loss": out.aux_loss, "seq_aux_loss": seq_aux_loss, "z_loss": z_loss,
+        return {"lm_loss": lm_loss_value, "aux_loss": out.aux_loss, "seq_aux_loss": seq_aux_loss, "z_loss": z_loss,
                 "loss": loss, "correct": answer_exact_match(out.logits, targets),
                 "moe_aux": out.moe_aux}
+
+    def _lm_loss(self, logits: torch.Tensor, targets: torch.Tensor, global_tokens: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy: (loss to backpropagate, its value over the whole global batch).
+
+        One process: the mean over supervised tokens. Several (global_tokens): each rank's token sum divided by
+        the global token count, times the world size (DDP/FSDP average gradients over ranks), so the gradient is
+        exactly that of the mean over every rank's tokens -- what one process with the whole batch computes --
+        even when ranks hold different numbers of supervised tokens.
+        """
+        flat_logits, flat_targets = logits.float().flatten(0, 1), targets.flatten()
+        if not global_tokens:
+            loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX)
+            return loss, loss
+        token_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (flat_targets != IGNORE_INDEX).sum().to(token_sum.dtype)
+        totals = self.trainer.strategy.reduce(torch.stack([token_sum.detach(), count]), reduce_op="sum")
+        global_count = totals[1].clamp_min(1.0)
+        return token_sum * self.trainer.world_size / global_count, totals[0] / global_count
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        out = self._forward(batch)
+        out = self._forward(batch, train=True)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["lm_loss"], prog_bar=True, batch_size=bs)
         self.log("train/aux_loss", out["aux_loss"], batch_size=bs)
@@ -165,7 +241,8 @@ class MMR1LightningModule(L.LightningModule):
                                                        if k in batch.get("modalities", {})
                                                        and bool(batch["modalities"][k]["present"][i])])
                    for i, q in enumerate(batch["questions"])]
-        cross_states, cross_mask = self.model.encode_batch(batch.get("modalities") or {}, len(prompts))
+        cross_states, cross_mask = self.model.encode_batch(batch.get("modalities") or {}, len(prompts),
+                                                           encode_absent=self.distributed)
         new_tokens = generate(self.model.backbone, prompts, cross_states=cross_states, cross_mask=cross_mask,
                               max_new_tokens=16, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
         return [{"id": i, "question": q, "prediction": self.tokenizer.decode(t), "answer": a}
@@ -222,3 +299,55 @@ class MMR1LightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmr1"] = {"config": self.model.export_config().to_dict(),
                               "tokenizer": self.tokenizer.tok.to_str()}
+        # Every rank's RNG states (dropout draws, ...), so a resumed run continues each rank's random streams.
+        states = [rng_states()]
+        if self.distributed:
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, rng_states())
+        checkpoint["mmr1_rng"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("mmr1_rng")
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if states and len(states) == (self.trainer.world_size if self._trainer is not None else 1):
+            set_rng_states(states[rank])
+
+
+def select_trainable(model: torch.nn.Module, patterns: list[str]) -> torch.nn.Module:
+    """Train exactly the parameters whose name matches one of the regexes `patterns` (in place)."""
+    import re
+
+    matched = 0
+    for name, param in model.named_parameters():
+        train = any(re.search(p, name) for p in patterns)
+        param.requires_grad_(train)
+        matched += train
+    if not matched:
+        raise ValueError(f"model.trainable={patterns} matches no parameter name (names look like "
+                         f"{[n for n, _ in model.named_parameters()][:3]})")
+    for encoder in getattr(model, "encoders", {}).values():  # an encoder with nothing to train runs frozen
+        if not any(p.requires_grad for p in encoder.parameters()):
+            encoder.set_frozen(True)
+    return model
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU + CUDA) RNG states as plain lists (all_gather_object-able; checkpoints
+    still load with weights_only=True)."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": [version, list(state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])

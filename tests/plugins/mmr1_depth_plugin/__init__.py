@@ -57,6 +57,9 @@ class DepthProcessor(ModalityProcessor):
     def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
         return {"values": torch.stack(items), "mask": None}  # (N, 1, size, size)
 
+    def dummy_input(self) -> torch.Tensor:
+        return torch.zeros(1, self.size, self.size)  # a flat depth map
+
 
 def _check_depth(depth: np.ndarray, name: str) -> np.ndarray:
     if depth.ndim != 2 or min(depth.shape) < 1:

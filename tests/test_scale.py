@@ -1,0 +1,90 @@
+"""Data parallelism through `mmr1 fit` on 2 CPU processes (gloo), with batches whose modality sets differ across
+ranks (image-only, audio-only, text-only, both): DDP equals one process with the doubled batch, FSDP2 equals
+DDP, and a sharded FSDP checkpoint resumes exactly (after a SIGKILL mid-epoch) and exports to one directory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_pipelines.synth import synthesize
+from e2e_utils import tiny_demo_config
+from mmr1.checkpoint import is_sharded, model_from_checkpoint
+from mmr1.cli import main
+from mmr1.model import MultimodalR1
+from scale_utils import mixed_manifest, run_fit, scale_config, train_losses
+
+STEPS = 5
+# 4-record blocks: global batch i = blocks 2i (rank 0) and 2i + 1 (rank 1) when each rank takes 4.
+BLOCKS = ["image", "audio", "text", "both", "audio", "image", "both", "text", "image", "audio"]
+# The switch load-balancing loss is a per-micro-batch statistic (every DP implementation computes it per rank),
+# so equivalence with one process holds without it; the aux-free router bias (reduced over ranks) stays on.
+MODEL = {"backbone": {"moe": {"aux_loss_coef": 0.0, "aux_free_bias": True}}}
+FSDP = {"class_path": "mmr1.parallel.fsdp.FSDPStrategy"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    data = tmp / "data"
+    synthesize(data, num_train=24, num_val=8, num_test=8, text_records=4, seed=1)
+    manifest = mixed_manifest(data, BLOCKS, block_size=4)
+    base = tiny_demo_config(tmp, data, max_steps=STEPS, train_manifest=str(manifest))
+    one = scale_config(base, tmp / "one", batch_size=8, model=MODEL, data={"shuffle": False})
+    run_fit(one)
+    return tmp, base, train_losses(tmp / "one")
+
+
+@pytest.fixture(scope="module")
+def ddp(setup):
+    tmp, base, _ = setup
+    config = scale_config(base, tmp / "ddp", batch_size=4, devices=2, strategy="ddp", model=MODEL,
+                          data={"shuffle": False})
+    run_fit(config)
+    return tmp / "ddp", train_losses(tmp / "ddp")
+
+
+def assert_losses_close(got: dict, expected: dict, steps, tol: float) -> None:
+    assert sorted(got) == sorted(steps), got
+    for step in steps:
+        assert abs(got[step] - expected[step]) <= tol, (step, got[step], expected[step])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_doubled_batch(setup, ddp):
+    _, _, one = setup
+    _, losses = ddp
+    assert_losses_close(losses, one, range(STEPS), tol=1e-5)
+    assert one[STEPS - 1] < one[0]  # it trains
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp_resumes_sharded_after_sigkill_and_exports(setup, ddp, tmp_path):
+    tmp, base, _ = setup
+    ddp_dir, ddp_losses = ddp
+    model = {**MODEL, "parallel": {"data_parallel": "fsdp"}}
+    killed = scale_config(base, tmp / "fsdp", batch_size=4, devices=2, strategy=FSDP, model=model,
+                          data={"shuffle": False},
+                          trainer={"callbacks": [*_callbacks(base), {"class_path": "scale_utils.KillAtStep",
+                                                                     "init_args": {"step": 3}}]})
+    proc = run_fit(killed, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL after step 3; last checkpoint: step 2
+    last = tmp / "fsdp" / "checkpoints" / "last.ckpt"
+    assert is_sharded(last) and len(list(last.glob("*.distcp"))) == 2  # one shard file per rank
+    resumed = scale_config(base, tmp / "fsdp", batch_size=4, devices=2, strategy=FSDP, model=model,
+                           data={"shuffle": False})
+    run_fit(resumed, "--ckpt_path", "last")
+    versions = sorted((tmp / "fsdp" / "logs").iterdir())
+    assert sorted(train_losses(versions[-1])) == list(range(2, STEPS))  # the resumed run redid steps 2..4
+    assert_losses_close(train_losses(tmp / "fsdp"), ddp_losses, range(STEPS), tol=1e-5)
+
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(last), "--output", str(out)]) == 0
+    exported, _ = MultimodalR1.from_pretrained(out)
+    reference, _ = model_from_checkpoint(ddp_dir / "checkpoints" / "last.ckpt")
+    for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _callbacks(base):
+    import yaml
+    return yaml.safe_load(base.read_text())["trainer"]["callbacks"]
