@@ -157,6 +157,18 @@ class MMR1LightningModule(L.LightningModule):
             from mmr1.parallel.fsdp import apply_activation_checkpointing
             apply_activation_checkpointing(self.model)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Expert-parallel experts are DTensors on their own mesh, which torch's clip_grad_norm_ cannot stack with
+        # the rest; clip by the same global norm, reduced mesh by mesh.
+        if gradient_clip_val and self.parallel_config.expert_parallel_size > 1:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: with expert "
+                                 f"parallel only 'norm' clipping is supported")
+            from mmr1.parallel.clip import clip_grad_norm_
+            clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ---- steps ------------------------------------------------------------------------------------
     def _forward(self, batch: dict[str, Any], train: bool = False) -> dict[str, Any]:
         # With several ranks every rank runs every encoder (zero-contribution passes for absent modalities): the

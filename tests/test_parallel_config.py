@@ -32,7 +32,8 @@ def test_bad_values_are_named(kwargs, field):
 
 
 @pytest.mark.parametrize("module, cfg", [("mmr1.parallel.tensor", ParallelConfig(tensor_parallel_size=2)),
-                                         ("mmr1.parallel.expert", ParallelConfig(expert_parallel_size=2))])
+                                         ("mmr1.parallel.expert", ParallelConfig(data_parallel="fsdp",
+                                                                                   expert_parallel_size=2))])
 def test_missing_transform_is_a_clear_error(monkeypatch, module, cfg):
     monkeypatch.setitem(sys.modules, module, None)  # as if this installation had no such module
     if cfg.expert_parallel_size > 1:  # the EP mesh is built before the transform: stub it
@@ -40,6 +41,13 @@ def test_missing_transform_is_a_clear_error(monkeypatch, module, cfg):
     with pytest.raises(RuntimeError, match=f"{module}.*not available"):
         apply_parallelism(MultimodalR1(tiny_config()), FakeMesh(2 // cfg.tensor_parallel_size, cfg.tensor_parallel_size),
                           cfg)
+
+
+@pytest.mark.parametrize("cfg", [ParallelConfig(expert_parallel_size=2), ParallelConfig(tensor_parallel_size=2)])
+def test_model_parallel_over_several_data_parallel_ranks_needs_fsdp(cfg):
+    # Under ModelParallelStrategy only FSDP2 reduces gradients across data-parallel ranks.
+    with pytest.raises(ValueError, match="needs data_parallel: fsdp"):
+        apply_parallelism(MultimodalR1(tiny_config()), FakeMesh(2, cfg.tensor_parallel_size), cfg)
 
 
 def test_expert_and_tensor_parallel_together_are_refused():

@@ -88,3 +88,22 @@ def test_fsdp_equals_ddp_resumes_sharded_after_sigkill_and_exports(setup, ddp, t
 def _callbacks(base):
     import yaml
     return yaml.safe_load(base.read_text())["trainer"]["callbacks"]
+
+
+@pytest.mark.slow
+def test_expert_parallel_fsdp_equals_ddp_and_exports(setup, ddp, tmp_path):
+    """EP(2) inside FSDP2 from YAML (each rank holds half the routed experts, all-to-all dispatch) trains like DDP
+    on the same mixed-modality ranks, and its sharded checkpoint exports to the full model."""
+    tmp, base, _ = setup
+    ddp_dir, ddp_losses = ddp
+    model = {**MODEL, "parallel": {"data_parallel": "fsdp", "expert_parallel_size": 2}}
+    config = scale_config(base, tmp / "ep", batch_size=4, devices=2, strategy=FSDP, model=model,
+                          data={"shuffle": False})
+    run_fit(config)
+    assert_losses_close(train_losses(tmp / "ep"), ddp_losses, range(STEPS), tol=1e-5)
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(tmp / "ep" / "checkpoints" / "last.ckpt"), "--output", str(out)]) == 0
+    exported, _ = MultimodalR1.from_pretrained(out)
+    reference, _ = model_from_checkpoint(ddp_dir / "checkpoints" / "last.ckpt")
+    for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

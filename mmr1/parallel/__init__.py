@@ -49,6 +49,12 @@ def broadcast_module_states(model: torch.nn.Module, src: int = 0) -> torch.nn.Mo
 def apply_parallelism(model, device_mesh: DeviceMesh, cfg: ParallelConfig):
     """TP -> EP -> activation checkpointing -> FSDP, in place; returns the model. Every rank starts from rank
     0's weights."""
+    if cfg.data_parallel != "fsdp" and device_mesh["data_parallel"].size() > 1 and (
+            cfg.tensor_parallel_size > 1 or cfg.expert_parallel_size > 1):
+        # Under ModelParallelStrategy only FSDP2 reduces gradients over the data-parallel ranks; without it the
+        # replicas would silently drift apart.
+        raise ValueError(f"parallel: tensor/expert parallel with {device_mesh['data_parallel'].size()} data-parallel "
+                         f"ranks needs data_parallel: fsdp (got {cfg.data_parallel!r})")
     broadcast_module_states(model)
     if cfg.tensor_parallel_size > 1:
         if device_mesh["tensor_parallel"].size() != cfg.tensor_parallel_size:
@@ -60,7 +66,9 @@ def apply_parallelism(model, device_mesh: DeviceMesh, cfg: ParallelConfig):
     if cfg.expert_parallel_size > 1:
         ep_mesh, expert_replicate = expert_meshes(device_mesh, cfg.expert_parallel_size)
         apply_ep = _transform("mmr1.parallel.expert", "apply_expert_parallel", "expert parallelism")
-        model = apply_ep(model, ep_mesh)
+        # Expert gradients sum over the expert-parallel group (all-to-all backward): divide by its size so that,
+        # after FSDP's mean over the replicate ranks, they are the same mean over all ranks as every other grad.
+        model = apply_ep(model, ep_mesh, grad_divisor=float(cfg.expert_parallel_size))
     if cfg.activation_checkpointing:
         from mmr1.parallel.fsdp import apply_activation_checkpointing
         model = apply_activation_checkpointing(model)

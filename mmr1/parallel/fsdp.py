@@ -32,11 +32,10 @@ def apply_fsdp(model: MultimodalR1, dp_mesh: DeviceMesh, cfg: ParallelConfig,
     for block in model.backbone.layers:
         experts = getattr(block.ffn, "experts", None)
         if expert_mesh is not None and experts is not None:
+            # Their gradients arrive already divided by the expert-parallel size (apply_parallelism passes
+            # grad_divisor), so FSDP's mean over the replicate ranks gives the same mean over all data-parallel
+            # ranks the other parameters get; set_gradient_divide_factor would need PREMUL_SUM, which gloo lacks.
             fully_shard(experts, mesh=expert_mesh, **kwargs)
-            # An expert's gradient already sums the tokens of its whole expert-parallel group (all-to-all
-            # backward); dividing by the full data-parallel size, not the replicate size, makes it the same mean
-            # over all ranks' tokens the other parameters get (torchtitan does the same).
-            experts.set_gradient_divide_factor(float(dp_mesh.size()))
         fully_shard(block, mesh=dp_mesh, **kwargs)
     # The root keeps its parameters gathered after forward: backward needs the lm head first anyway.
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
