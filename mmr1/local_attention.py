@@ -47,7 +47,9 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                          f"H={H}, Hkv={Hkv}")
     if window < 1:
         raise ValueError(f"sliding_window_attention: window={window} must be >= 1")
-    if L <= 16 and S <= window + L:  # decode steps: one small dense mask is cheaper than blocking
+    if (L <= 16 and S <= window + L) or L * S <= DENSE_MAX_SCORES:
+        # Decode steps and short sequences (e.g. 64-token training rows): one small dense mask is cheaper than
+        # blocking; the blocked path pays off once the (L, S) scores outgrow a few windows.
         return _dense_sliding(q, k, v, window, key_mask, dropout_p, extra)
     G = H // Hkv
     b = min(max(min(block_size, window), 16), L)  # blocks much wider than the window waste work
@@ -66,6 +68,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 CALL_ROWS = 4096  # query rows (blocks x G x b) per SDPA call
+DENSE_MAX_SCORES = 128 * 128  # L * S up to this: a dense masked SDPA call instead of blocks
 
 
 def _blocks(q, k, v, real, c0: int, c1: int, geometry, dropout_p: float, extra) -> torch.Tensor:

@@ -18,6 +18,28 @@ from mmr1.local_attention import marked_tokens, sliding_window_attention
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.fixture(autouse=True)
+def blocked_kernel_always(monkeypatch):
+    """These tests use short sequences, which the kernel would run densely; force the blocked path so it is the
+    one under test (test_short_sequences_take_the_dense_path checks the dispatch itself)."""
+    monkeypatch.setattr(local_attention, "DENSE_MAX_SCORES", 0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_short_sequences_take_the_dense_path(padded, monkeypatch):
+    torch.manual_seed(0)
+    B, H, Hkv, L, window = 2, 4, 2, 40, 7
+    q, k, v = torch.randn(B, H, L, 16), torch.randn(B, Hkv, L, 16), torch.randn(B, Hkv, L, 16)
+    key_mask = padding_mask(B, L) if padded else None
+    blocked = sliding_window_attention(q, k, v, window, key_mask, 8)
+    monkeypatch.setattr(local_attention, "DENSE_MAX_SCORES", L * L)
+    calls = []
+    monkeypatch.setattr(local_attention, "_blocks", lambda *a: calls.append(a))
+    dense = sliding_window_attention(q, k, v, window, key_mask, 8)
+    assert not calls  # no block was computed
+    torch.testing.assert_close(dense, blocked, **TOL)
+
 def reference_mask(key_mask: torch.Tensor, L: int, window: int | None) -> torch.Tensor:
     """(B, L, S) bool by explicit loops: query i (slot S - L + i) sees key j iff j <= i, within the window (when
     given) and j is real -- or j is the query itself."""
