@@ -198,3 +198,29 @@ def test_streaming_fronts_yield_the_same_tokens():
     assert results[:3] == refs and results[3] == reference(model, PROMPTS[3], 2)
     assert not eng.has_unfinished()
     eng.check_no_leaks()
+
+
+def test_batch_one_fast_path_switches_exactly_with_the_paged_path(monkeypatch):
+    """A lone decoding request takes mmr1.engine.solo (contiguous K/V, no paged forward); requests arriving
+    mid-way send it back through the paged batch (its fast-path tokens flushed into its blocks) and, once alone
+    again, forward. Every request still equals single-request greedy (MoE + cross-attention model)."""
+    import mmr1.engine.engine as engine_module
+    model = tiny_model()
+    cross_states, cross_mask = modality_tokens()
+    eng = Engine(model, config=EngineConfig(block_size=4, max_batch=4))
+    paged_calls = []
+    real_forward = engine_module.forward_paged
+    monkeypatch.setattr(engine_module, "forward_paged", lambda *a, **k: paged_calls.append(len(a[2])) or
+                        real_forward(*a, **k))
+    cs = cross_states[0][cross_mask[0]]
+    first = eng.add_request(PROMPTS[2], sampling=SamplingParams(max_new_tokens=20), cross_states=cs)
+    for _ in range(6):  # prefill (paged), then 5 fast-path decode steps
+        eng.step()
+    assert paged_calls == [1] and len(eng.output(first).token_ids) == 6
+    others = [eng.add_request(p, sampling=SamplingParams(max_new_tokens=n)) for p, n in ((PROMPTS[0], 3),
+                                                                                         (PROMPTS[1], 4))]
+    drain(eng)
+    assert max(paged_calls) == 3 and len(paged_calls) < 20  # batched while the others ran, alone again after
+    refs = [reference(model, PROMPTS[2], 20, cs[None]), reference(model, PROMPTS[0], 3), reference(model, PROMPTS[1], 4)]
+    assert [eng.output(i).token_ids for i in [first] + others] == refs
+    eng.check_no_leaks()

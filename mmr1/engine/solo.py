@@ -1,0 +1,125 @@
+"""Batch-1 decode fast path: when the running batch is one request decoding one token, skip the paged batch view.
+
+At batch 1 a decode step's matmuls read the weights once (memory bound); what the general path adds on top is
+per-step bookkeeping -- block tables, key masks, per-layer page gathers of the whole context, the generic cache
+protocol. Here the lone request keeps a contiguous copy of its K/V (1, Hkv, max_len, Dh) per layer, appends each
+new token in place and attends to the prefix with no mask (one query sees every earlier key). The paged pool stays
+the source of truth for everyone else: `flush` writes the tokens decoded here back into the request's blocks
+before any general forward runs, so switching between the paths is exact.
+
+Eligible models: every layer full attention without ALiBi, model-dtype KV (INT8 reads back quantized values, which
+this copy would not). The layer math is the modules' own (same norms, projections, RoPE, SDPA, feed-forwards).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmr1.attention import apply_rotary
+from mmr1.backbone import R1Model
+from mmr1.engine.paged_cache import PagedKVPool
+from mmr1.moe import MoEFeedForward, Router, select_experts
+
+
+def solo_eligible(model: R1Model, kv_cache_dtype: str) -> bool:
+    """The fast path re-spells R1Model.forward's decode math: only for that forward (not a subclass's own)."""
+    cfg = model.cfg
+    return (type(model).forward is R1Model.forward and kv_cache_dtype == "model" and all(kind == "full" for kind in cfg.layer_kinds())
+            and not cfg.alibi_global)
+
+
+class SoloCache:
+    """One request's contiguous K/V: tokens [0, length) are here; [0, synced) are also in its pool blocks."""
+
+    def __init__(self, seq_id: int, model: R1Model, pool: PagedKVPool, blocks: list[int], num_cached: int):
+        cfg = model.cfg
+        self.seq_id = seq_id
+        shape = (1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.keys = [torch.empty(shape, dtype=pool.dtype, device=pool.keys[0].device) for _ in range(cfg.n_layers)]
+        self.values = [torch.empty_like(k) for k in self.keys]
+        if num_cached:  # one gather of what the pool already holds
+            slots = torch.tensor([blocks[p // pool.block_size] * pool.block_size + p % pool.block_size
+                                  for p in range(num_cached)], device=pool.keys[0].device)[None]  # (1, C)
+            for layer in range(cfg.n_layers):
+                k, v = pool.gather(layer, slots)  # (1, Hkv, C, Dh)
+                self.keys[layer][:, :, :num_cached] = k
+                self.values[layer][:, :, :num_cached] = v
+        self.length = self.synced = num_cached
+
+    def flush(self, pool: PagedKVPool, blocks: list[int]) -> None:
+        """Write tokens [synced, length) into the request's pool blocks."""
+        if self.synced == self.length:
+            return
+        bs = pool.block_size
+        slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(self.synced, self.length)],
+                             device=pool.keys[0].device)
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            new = slice(self.synced, self.length)
+            pool.write(layer, slots, k[0, :, new].transpose(0, 1), v[0, :, new].transpose(0, 1))  # (N, Hkv, Dh)
+        self.synced = self.length
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm as one fused op (the module spells it out in six; same formula, fp32 rounding may differ ~1e-7)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight
+
+
+def _route_one(router: Router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router.forward's expert choice for one token (1, D) -> weights, indices (1, k), without its training
+    statistics (balance losses, z-loss, entropy: a dozen small ops per layer that decoding throws away)."""
+    cfg = router.cfg
+    if cfg.capacity_factor is not None:  # capacity can drop slots: keep the module's exact rule
+        routing = router(h, None, seq_len=1)
+        return routing.weights, routing.indices
+    with torch.autocast(h.device.type, enabled=False):
+        logits = F.linear(h.float(), router.gate.weight.float())  # (1, E)
+    scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    return select_experts(scores, cfg, router.expert_bias if cfg.aux_free_bias else None)
+
+
+def _moe_one(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
+    """One token through an MoE layer: the module's own router, then only its top-k experts' weights are touched
+    (views of the stacked weights, one small matmul chain each) -- no sort/bincount/grouped-GEMM bookkeeping."""
+    weights, indices = _route_one(ffn.router, h)
+    experts, weights = indices[0].tolist(), weights[0].to(h.dtype)
+    w = ffn.experts
+    out = torch.zeros_like(h)
+    for slot, e in enumerate(experts):
+        if e < 0:  # a slot the router dropped (dynamic threshold / capacity)
+            continue
+        y = (F.silu(h @ w.w_gate[e]) * (h @ w.w_up[e])) @ w.w_down[e]  # (1, D)
+        out += y * weights[slot]
+    if ffn.shared is not None:
+        shared = ffn.shared(h)
+        if ffn.shared_gate is not None:
+            shared = torch.sigmoid(ffn.shared_gate(h)) * shared
+        out = out + shared
+    return out
+
+
+@torch.inference_mode()
+def solo_decode(model: R1Model, cache: SoloCache, token: int, cross: dict | None) -> torch.Tensor:
+    """Feed `token` at position cache.length; returns its logits (1, V) and appends its K/V to the cache.
+    Hidden states stay 2-D (1, D) so every projection is a single addmm/mm (no 3-D matmul reshapes)."""
+    pos = cache.length
+    if pos + 1 > model.cfg.max_seq_len:
+        raise ValueError(f"R1Model: {pos + 1} positions exceed max_seq_len={model.cfg.max_seq_len}")
+    x = model.tok_embeddings.weight[token:token + 1]  # (1, D)
+    cos, sin = model.rope(torch.tensor([[pos]], device=x.device))  # (1, 1, 1, Dh)
+    for i, block in enumerate(model.layers):
+        if block.cross_attn is not None and cross and i in cross:
+            x = x + block.cross_attn(x[None], kv=cross[i])[0]
+        attn = block.attn
+        h = _norm(block.attn_norm, x)
+        q = attn.wq(h).view(1, attn.n_heads, 1, attn.head_dim)  # (1, H, 1, Dh): L = 1, so no transpose needed
+        k = attn.wk(h).view(1, attn.n_kv_heads, 1, attn.head_dim)  # (1, Hkv, 1, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = cache.keys[i], cache.values[i]
+        keys[:, :, pos:pos + 1] = k
+        values[:, :, pos:pos + 1] = attn.wv(h).view(1, attn.n_kv_heads, 1, attn.head_dim)
+        out = F.scaled_dot_product_attention(q, keys[:, :, :pos + 1], values[:, :, :pos + 1], enable_gqa=True)
+        x = x + attn.wo(out.view(1, -1))  # (1, H, 1, Dh) -> (1, H Dh): heads in order, as transpose + reshape
+        h = _norm(block.ffn_norm, x)
+        x = x + (_moe_one(block.ffn, h) if isinstance(block.ffn, MoEFeedForward) else block.ffn(h))
+    cache.length = pos + 1
+    return model.lm_head(_norm(model.norm, x))  # (1, V): the logits of the one new token
