@@ -128,6 +128,10 @@ class PagedBatch:
         pos = pos[self.new_mask]
         rows = torch.arange(self.batch_size, device=device)[:, None].expand(-1, self.new_len)[self.new_mask]
         self.slots = self.tables[rows, pos // bs] * bs + pos % bs  # (N,)
+        # The same slots laid out (B, L); padding reads slot 0 (finite, masked).
+        pos = torch.where(self.new_mask, cached_t[:, None] + torch.arange(self.new_len, device=device)[None, :], 0)
+        self.new_slots = torch.where(self.new_mask, self.tables.gather(1, pos // bs) * bs + pos % bs, 0)
+        self._read_slots: dict[int, torch.Tensor] = {}
         self.windows = pool.windows
         self._new_key_mask = self.new_mask  # append_mask() replaces it with the backbone's own mask
         # The protocol's `length`: R1Model checks length + L <= max_seq_len; every row's real extent is
@@ -170,13 +174,19 @@ class PagedBatch:
 
     def _write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor, heads: slice, kept: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens, then read the last `kept` cached + the new ones back in ONE gather: (B, h,
+        kept + L, Dh). Reading the new ones from the pool is what attention must see anyway (exact in the model
+        dtype, the int8 round trip otherwise) and saves a concatenation of the whole context per layer."""
         real = self.new_mask
         self.pool.write(layer, self.slots, k.transpose(1, 2)[real], v.transpose(1, 2)[real], heads)
-        k_new, v_new = self.pool.roundtrip(k), self.pool.roundtrip(v)
         if kept == 0:
-            return k_new, v_new
-        k_old, v_old = self.pool.gather(layer, self.cached_slots[:, self.cached_len - kept:], heads)
-        return torch.cat([k_old.to(k.dtype), k_new], dim=2), torch.cat([v_old.to(v.dtype), v_new], dim=2)
+            return self.pool.roundtrip(k), self.pool.roundtrip(v)
+        slots = self._read_slots.get(kept)
+        if slots is None:
+            slots = self._read_slots[kept] = torch.cat([self.cached_slots[:, self.cached_len - kept:],
+                                                        self.new_slots], dim=1)  # (B, kept + L)
+        keys, values = self.pool.gather(layer, slots, heads)
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def advance(self, n: int) -> None:
         """Lengths live with the sequences (the engine advances them after the forward), not in the view."""
