@@ -127,12 +127,13 @@ def test_int8_kv_cache_quantizes_per_token_and_head():
     x = torch.randn(5, 2, 16) * torch.logspace(-2, 1, 5)[:, None, None]  # very different per-token ranges
     q, scale = quantize_int8(x)
     assert q.dtype == torch.int8 and scale.shape == (5, 2)
-    assert ((dequantize_int8(q, scale, torch.float32) - x).abs() <= scale[..., None] / 2 + 1e-7).all()
+    assert ((dequantize_int8(q, scale, torch.float32) - x).abs() <= scale.float()[..., None] / 2 + 1e-7).all()
     cfg = tiny_model().cfg
     fp32 = PagedKVPool.for_model(cfg, 4, 4, torch.float32)
     int8 = PagedKVPool.for_model(cfg, 4, 4, torch.float32, "int8")
     assert int8.keys[0].dtype == torch.int8
-    assert int8.bytes_per_token() / fp32.bytes_per_token() == (cfg.head_dim + 4) / (4 * cfg.head_dim)
+    assert int8.key_scales[0].dtype == torch.float16
+    assert int8.bytes_per_token() / fp32.bytes_per_token() == (cfg.head_dim + 2) / (4 * cfg.head_dim)
 
 
 def test_int8_engine_stays_close_to_full_precision():

@@ -2,7 +2,7 @@
 protocol of `R1Model.forward` (`length`, `batch_size`, `append_mask`, `update`, `advance`, `get_cross`).
 
 Pool layout per layer: keys/values (num_blocks, block_size, Hkv, Dh) in the model dtype, or int8 with one
-scale per (token, head) (quantize on write, dequantize when gathered for attention).
+fp16 scale per (token, head) (quantize on write, dequantize when gathered for attention).
 
 A batch view lays each row's keys out as
     [ its cached tokens, right-aligned (left-padded) in the first C = max cached slots | its n new tokens next ]
@@ -20,15 +20,19 @@ import torch
 from mmr1.config import R1Config
 
 
+SCALE_DTYPE = torch.float16  # 2 bytes per (token, head): int8 K/V at head_dim 64 is 66/128 of bf16's bytes
+
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., Dh) -> int8 (..., Dh) and fp32 scale (...,): symmetric, one scale per vector."""
-    scale = x.float().abs().amax(dim=-1).clamp(min=1e-8) / 127.0
-    q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    """x (..., Dh) -> int8 (..., Dh) and fp16 scale (...,): symmetric, one scale per vector. The scale is rounded
+    to fp16 first and the values quantized against that rounded scale, so |dequantized - x| <= scale / 2."""
+    scale = (x.float().abs().amax(dim=-1) / 127.0).clamp(1e-7, 65504.0).to(SCALE_DTYPE)  # fp16's range
+    q = torch.round(x.float() / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale[..., None]).to(dtype)
+    return (q.float() * scale.float()[..., None]).to(dtype)
 
 
 class PagedKVPool:
@@ -46,8 +50,8 @@ class PagedKVPool:
         self.keys = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         if self.quantized:
-            self.key_scales = [torch.zeros(shape[:3], device=device) for _ in range(n_layers)]
-            self.value_scales = [torch.zeros(shape[:3], device=device) for _ in range(n_layers)]
+            self.key_scales = [torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device) for _ in range(n_layers)]
+            self.value_scales = [torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device) for _ in range(n_layers)]
 
     @classmethod
     def for_model(cls, cfg: R1Config, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -60,10 +64,10 @@ class PagedKVPool:
                    windows)
 
     def bytes_per_token(self) -> int:
-        """K + V bytes one token occupies across all layers (int8: values + fp32 scales)."""
+        """K + V bytes one token occupies across all layers (int8: values + one fp16 scale per head)."""
         per_head = self.head_dim * (1 if self.quantized else torch.empty((), dtype=self.dtype).element_size())
         if self.quantized:
-            per_head += 4
+            per_head += torch.empty((), dtype=SCALE_DTYPE).element_size()
         return 2 * self.n_layers * self.n_kv_heads * per_head
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
