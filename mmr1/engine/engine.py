@@ -27,7 +27,7 @@ from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.runner import cross_kv_for, encode_inline, forward_paged, fuse_one
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status
-from mmr1.engine.solo import SoloCache, solo_decode, solo_eligible
+from mmr1.engine.solo import SoloCache, solo_eligible, solo_forward
 from mmr1.engine.speculative import DraftModel, ngram_propose, verify
 from mmr1.engine.sampling import make_generator, sample_row
 
@@ -84,8 +84,8 @@ class Engine:
                 self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
                                                    self.draft_multimodal.encode_modality,
                                                    max_batch=self.cfg.encoder_max_batch)
-        # Batch-1 decode fast path (mmr1.engine.solo): a lone decoding request keeps a contiguous K/V copy.
-        self._solo_ok = self.cfg.speculative is None and solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
+        # Batch-1 fast path (mmr1.engine.solo): a lone running request keeps a contiguous K/V copy.
+        self._solo_ok = solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
         self._solo: SoloCache | None = None
         self._seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
@@ -194,12 +194,12 @@ class Engine:
             if not rows:
                 self._wait_for_encoders()
                 return []
-            if self._solo_ok and len(rows) == 1 and rows[0].num_new == 1 and rows[0].completes:
+            if self.cfg.speculative is not None:
+                self._add_drafts(rows)
+            if self._solo_ok and len(rows) == 1:
                 self.stats["steps"] += 1
                 return self._solo_step(rows[0])
             self._flush_solo()  # the general path reads the pool: it must hold every cached token
-            if self.cfg.speculative is not None:
-                self._add_drafts(rows)
             # Rows are right-padded to the longest feed of their forward, so decode rows (1 token, + drafts) run
             # together and each prefill chunk runs on its own: a decode row never pays for a 256-token chunk.
             groups = [[r for r in rows if r.num_new == 1]] + [[r] for r in rows if r.num_new > 1]
@@ -220,10 +220,13 @@ class Engine:
         if solo is None or solo.seq_id != seq.id or solo.length != seq.num_cached:
             self._flush_solo()
             solo = self._solo = SoloCache(seq.id, self.backbone, self.pool, seq.blocks, seq.num_cached)
-        logits = solo_decode(self.backbone, solo, seq.tokens[seq.num_cached], seq.cross_kv)
+        logits = solo_forward(self.backbone, solo, self._feed(row), seq.cross_kv)
         touched = [seq.id] if self._advance(row, logits) else []
         if seq.finished:
             self._solo = None
+        else:  # rejected drafts: their K/V sit past num_cached and are simply overwritten next step
+            solo.length = seq.num_cached
+            solo.synced = min(solo.synced, solo.length)
         return touched
 
     def _flush_solo(self) -> None:

@@ -1,4 +1,5 @@
-"""Batch-1 decode fast path: when the running batch is one request decoding one token, skip the paged batch view.
+"""Batch-1 fast path: when the running batch is one request (decoding, verifying drafts or prefilling), skip the
+paged batch view.
 
 At batch 1 a decode step's matmuls read the weights once (memory bound); what the general path adds on top is
 per-step bookkeeping -- block tables, key masks, per-layer page gathers of the whole context, the generic cache
@@ -98,28 +99,38 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def solo_decode(model: R1Model, cache: SoloCache, token: int, cross: dict | None) -> torch.Tensor:
-    """Feed `token` at position cache.length; returns its logits (1, V) and appends its K/V to the cache.
-    Hidden states stay 2-D (1, D) so every projection is a single addmm/mm (no 3-D matmul reshapes)."""
-    pos = cache.length
-    if pos + 1 > model.cfg.max_seq_len:
-        raise ValueError(f"R1Model: {pos + 1} positions exceed max_seq_len={model.cfg.max_seq_len}")
-    x = model.tok_embeddings.weight[token:token + 1]  # (1, D)
-    cos, sin = model.rope(torch.tensor([[pos]], device=x.device))  # (1, 1, 1, Dh)
+def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dict | None) -> torch.Tensor:
+    """Feed `tokens` (a decode token, + speculative drafts, or a prompt chunk) at positions cache.length, ...;
+    returns their logits (L, V) and appends their K/V to the cache. Hidden states stay 2-D (L, D) so every
+    projection is a single addmm/mm (no 3-D matmul reshapes)."""
+    pos, L = cache.length, len(tokens)
+    if pos + L > model.cfg.max_seq_len:
+        raise ValueError(f"R1Model: {pos + L} positions exceed max_seq_len={model.cfg.max_seq_len}")
+    device = model.tok_embeddings.weight.device
+    x = model.tok_embeddings.weight[tokens[0]:tokens[0] + 1] if L == 1 else \
+        model.tok_embeddings(torch.tensor(tokens, device=device))  # (L, D)
+    cos, sin = model.rope(torch.arange(pos, pos + L, device=device)[None])  # (1, 1, L, Dh)
+    # One query sees every earlier key (no mask); L > 1 queries need the causal rule, aligned bottom-right.
+    mask = None if L == 1 else (torch.arange(pos + L, device=device)[None, :]
+                                <= torch.arange(pos, pos + L, device=device)[:, None])  # (L, pos + L)
     for i, block in enumerate(model.layers):
         if block.cross_attn is not None and cross and i in cross:
             x = x + block.cross_attn(x[None], kv=cross[i])[0]
         attn = block.attn
         h = _norm(block.attn_norm, x)
-        q = attn.wq(h).view(1, attn.n_heads, 1, attn.head_dim)  # (1, H, 1, Dh): L = 1, so no transpose needed
-        k = attn.wk(h).view(1, attn.n_kv_heads, 1, attn.head_dim)  # (1, Hkv, 1, Dh)
+        q = attn.wq(h).view(L, attn.n_heads, attn.head_dim).transpose(0, 1)[None]  # (1, H, L, Dh)
+        k = attn.wk(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)[None]  # (1, Hkv, L, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.keys[i], cache.values[i]
-        keys[:, :, pos:pos + 1] = k
-        values[:, :, pos:pos + 1] = attn.wv(h).view(1, attn.n_kv_heads, 1, attn.head_dim)
-        out = F.scaled_dot_product_attention(q, keys[:, :, :pos + 1], values[:, :, :pos + 1], enable_gqa=True)
-        x = x + attn.wo(out.view(1, -1))  # (1, H, 1, Dh) -> (1, H Dh): heads in order, as transpose + reshape
+        keys[:, :, pos:pos + L] = k
+        values[:, :, pos:pos + L] = attn.wv(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, keys[:, :, :pos + L], values[:, :, :pos + L], attn_mask=mask,
+                                             enable_gqa=True)  # (1, H, L, Dh)
+        x = x + attn.wo(out[0].transpose(0, 1).reshape(L, -1))  # (L, H Dh)
         h = _norm(block.ffn_norm, x)
-        x = x + (_moe_one(block.ffn, h) if isinstance(block.ffn, MoEFeedForward) else block.ffn(h))
-    cache.length = pos + 1
-    return model.lm_head(_norm(model.norm, x))  # (1, V): the logits of the one new token
+        if isinstance(block.ffn, MoEFeedForward):
+            x = x + (_moe_one(block.ffn, h) if L == 1 else block.ffn(h[None])[0][0])
+        else:
+            x = x + block.ffn(h)
+    cache.length = pos + L
+    return model.lm_head(_norm(model.norm, x))  # (L, V)
