@@ -225,3 +225,16 @@ def test_batch_one_fast_path_switches_exactly_with_the_paged_path(monkeypatch):
     refs = [reference(model, PROMPTS[2], 20, cs[None]), reference(model, PROMPTS[0], 3), reference(model, PROMPTS[1], 4)]
     assert [eng.output(i).token_ids for i in [first] + others] == refs
     eng.check_no_leaks()
+
+
+def test_fast_path_cache_grows_past_its_first_capacity():
+    """The batch-1 copy starts at 256 positions and doubles: a request running past that still equals generate."""
+    torch.manual_seed(0)
+    from mmr1.backbone import R1Model
+    from mmr1.config import R1Config
+    model = R1Model(R1Config(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                             max_seq_len=300)).eval()
+    model.init_weights(std=0.3)
+    eng = Engine(model, config=EngineConfig(block_size=16, max_batch=1))
+    out = eng.generate([[5, 9, 2]], SamplingParams(max_new_tokens=280))[0].token_ids
+    assert eng._solo is None and out == reference(model, [5, 9, 2], 280)

@@ -34,18 +34,35 @@ class SoloCache:
 
     def __init__(self, seq_id: int, model: R1Model, pool: PagedKVPool, blocks: list[int], num_cached: int):
         cfg = model.cfg
-        self.seq_id = seq_id
-        shape = (1, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
-        self.keys = [torch.empty(shape, dtype=pool.dtype, device=pool.keys[0].device) for _ in range(cfg.n_layers)]
-        self.values = [torch.empty_like(k) for k in self.keys]
+        self.seq_id, self.max_len = seq_id, cfg.max_seq_len
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._shape = (1, cfg.n_kv_heads, 0, cfg.head_dim)
+        self._n_layers, self._dtype, self._device = cfg.n_layers, pool.dtype, pool.keys[0].device
+        self.reserve(num_cached + 1)
         if num_cached:  # one gather of what the pool already holds
             slots = torch.tensor([blocks[p // pool.block_size] * pool.block_size + p % pool.block_size
-                                  for p in range(num_cached)], device=pool.keys[0].device)[None]  # (1, C)
+                                  for p in range(num_cached)], device=self._device)[None]  # (1, C)
             for layer in range(cfg.n_layers):
                 k, v = pool.gather(layer, slots)  # (1, Hkv, C, Dh)
                 self.keys[layer][:, :, :num_cached] = k
                 self.values[layer][:, :, :num_cached] = v
         self.length = self.synced = num_cached
+
+    def reserve(self, num_tokens: int) -> None:
+        """Room for num_tokens positions: capacity doubles (from 256, up to max_seq_len), so a long-context model
+        doesn't pay max_seq_len x layers up front and appends stay amortized O(1)."""
+        capacity = self.keys[0].shape[2] if self.keys else 0
+        if num_tokens <= capacity:
+            return
+        new_capacity = min(self.max_len, max(256, 2 * capacity, num_tokens))
+        shape = (*self._shape[:2], new_capacity, self._shape[3])
+        grown = [[torch.empty(shape, dtype=self._dtype, device=self._device) for _ in range(self._n_layers)]
+                 for _ in range(2)]
+        for old, new in zip((self.keys, self.values), grown):
+            for layer, t in enumerate(old):
+                new[layer][:, :, :capacity] = t
+        self.keys, self.values = grown
 
     def flush(self, pool: PagedKVPool, blocks: list[int]) -> None:
         """Write tokens [synced, length) into the request's pool blocks."""
@@ -106,6 +123,7 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
     pos, L = cache.length, len(tokens)
     if pos + L > model.cfg.max_seq_len:
         raise ValueError(f"R1Model: {pos + L} positions exceed max_seq_len={model.cfg.max_seq_len}")
+    cache.reserve(pos + L)
     device = model.tok_embeddings.weight.device
     x = model.tok_embeddings.weight[tokens[0]:tokens[0] + 1] if L == 1 else \
         model.tok_embeddings(torch.tensor(tokens, device=device))  # (L, D)
