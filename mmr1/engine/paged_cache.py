@@ -90,13 +90,17 @@ class PagedKVPool:
 
     def gather(self, layer: int, slots: torch.Tensor, heads: slice = slice(None)
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat slots (B, S) -> keys, values (B, h, S, Dh) of KV heads `heads`."""
+        """Flat slots (B, S) -> keys, values (B, h, S, Dh) of KV heads `heads`. index_select on the flat token
+        axis (about 2x faster on CPU than advanced indexing); a head subset is sliced off afterwards."""
+        B, S = slots.shape
+        flat_slots = slots.reshape(-1)
         out = []
         for i, store in enumerate((self.keys, self.values)):
-            x = store[layer].view(-1, self.n_kv_heads, self.head_dim)[slots, heads]  # (B, S, h, Dh)
+            x = store[layer].view(-1, self.n_kv_heads, self.head_dim).index_select(0, flat_slots)
+            x = x.view(B, S, self.n_kv_heads, self.head_dim)[:, :, heads]  # (B, S, h, Dh)
             if self.quantized:
-                scales = (self.key_scales, self.value_scales)[i][layer].view(-1, self.n_kv_heads)[slots, heads]
-                x = dequantize_int8(x, scales, self.dtype)
+                scales = (self.key_scales, self.value_scales)[i][layer].view(-1, self.n_kv_heads)
+                x = dequantize_int8(x, scales.index_select(0, flat_slots).view(B, S, -1)[:, :, heads], self.dtype)
             out.append(x.transpose(1, 2))
         return out[0], out[1]
 
