@@ -127,12 +127,13 @@ def test_int8_kv_cache_quantizes_per_token_and_head():
     x = torch.randn(5, 2, 16) * torch.logspace(-2, 1, 5)[:, None, None]  # very different per-token ranges
     q, scale = quantize_int8(x)
     assert q.dtype == torch.int8 and scale.shape == (5, 2)
-    assert ((dequantize_int8(q, scale, torch.float32) - x).abs() <= scale[..., None] / 2 + 1e-7).all()
+    assert ((dequantize_int8(q, scale, torch.float32) - x).abs() <= scale.float()[..., None] / 2 + 1e-7).all()
     cfg = tiny_model().cfg
     fp32 = PagedKVPool.for_model(cfg, 4, 4, torch.float32)
     int8 = PagedKVPool.for_model(cfg, 4, 4, torch.float32, "int8")
     assert int8.keys[0].dtype == torch.int8
-    assert int8.bytes_per_token() / fp32.bytes_per_token() == (cfg.head_dim + 4) / (4 * cfg.head_dim)
+    assert int8.key_scales[0].dtype == torch.float16
+    assert int8.bytes_per_token() / fp32.bytes_per_token() == (cfg.head_dim + 2) / (4 * cfg.head_dim)
 
 
 def test_int8_engine_stays_close_to_full_precision():
@@ -198,3 +199,42 @@ def test_streaming_fronts_yield_the_same_tokens():
     assert results[:3] == refs and results[3] == reference(model, PROMPTS[3], 2)
     assert not eng.has_unfinished()
     eng.check_no_leaks()
+
+
+def test_batch_one_fast_path_switches_exactly_with_the_paged_path(monkeypatch):
+    """A lone decoding request takes mmr1.engine.solo (contiguous K/V, no paged forward); requests arriving
+    mid-way send it back through the paged batch (its fast-path tokens flushed into its blocks) and, once alone
+    again, forward. Every request still equals single-request greedy (MoE + cross-attention model)."""
+    import mmr1.engine.engine as engine_module
+    model = tiny_model()
+    cross_states, cross_mask = modality_tokens()
+    eng = Engine(model, config=EngineConfig(block_size=4, max_batch=4))
+    paged_calls = []
+    real_forward = engine_module.forward_paged
+    monkeypatch.setattr(engine_module, "forward_paged", lambda *a, **k: paged_calls.append(len(a[2])) or
+                        real_forward(*a, **k))
+    cs = cross_states[0][cross_mask[0]]
+    first = eng.add_request(PROMPTS[2], sampling=SamplingParams(max_new_tokens=20), cross_states=cs)
+    for _ in range(6):  # prefill, then 5 decode steps, all on the fast path
+        eng.step()
+    assert paged_calls == [] and len(eng.output(first).token_ids) == 6  # alone: prefill too
+    others = [eng.add_request(p, sampling=SamplingParams(max_new_tokens=n)) for p, n in ((PROMPTS[0], 3),
+                                                                                         (PROMPTS[1], 4))]
+    drain(eng)
+    assert max(paged_calls) == 3 and len(paged_calls) < 20  # batched while the others ran, alone again after
+    refs = [reference(model, PROMPTS[2], 20, cs[None]), reference(model, PROMPTS[0], 3), reference(model, PROMPTS[1], 4)]
+    assert [eng.output(i).token_ids for i in [first] + others] == refs
+    eng.check_no_leaks()
+
+
+def test_fast_path_cache_grows_past_its_first_capacity():
+    """The batch-1 copy starts at 256 positions and doubles: a request running past that still equals generate."""
+    torch.manual_seed(0)
+    from mmr1.backbone import R1Model
+    from mmr1.config import R1Config
+    model = R1Model(R1Config(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                             max_seq_len=300)).eval()
+    model.init_weights(std=0.3)
+    eng = Engine(model, config=EngineConfig(block_size=16, max_batch=1))
+    out = eng.generate([[5, 9, 2]], SamplingParams(max_new_tokens=280))[0].token_ids
+    assert eng._solo is None and out == reference(model, [5, 9, 2], 280)

@@ -27,6 +27,7 @@ from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.runner import cross_kv_for, encode_inline, forward_paged, fuse_one
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status
+from mmr1.engine.solo import SoloCache, solo_eligible, solo_forward
 from mmr1.engine.speculative import DraftModel, ngram_propose, verify
 from mmr1.engine.sampling import make_generator, sample_row
 
@@ -83,6 +84,9 @@ class Engine:
                 self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
                                                    self.draft_multimodal.encode_modality,
                                                    max_batch=self.cfg.encoder_max_batch)
+        # Batch-1 fast path (mmr1.engine.solo): a lone running request keeps a contiguous K/V copy.
+        self._solo_ok = solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
+        self._solo: SoloCache | None = None
         self._seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -192,6 +196,10 @@ class Engine:
                 return []
             if self.cfg.speculative is not None:
                 self._add_drafts(rows)
+            if self._solo_ok and len(rows) == 1:
+                self.stats["steps"] += 1
+                return self._solo_step(rows[0])
+            self._flush_solo()  # the general path reads the pool: it must hold every cached token
             # Rows are right-padded to the longest feed of their forward, so decode rows (1 token, + drafts) run
             # together and each prefill chunk runs on its own: a decode row never pays for a 256-token chunk.
             groups = [[r for r in rows if r.num_new == 1]] + [[r] for r in rows if r.num_new > 1]
@@ -205,6 +213,31 @@ class Engine:
                         touched.append(row.seq.id)
             self.stats["steps"] += 1
             return touched
+
+    def _solo_step(self, row: ScheduledRow) -> list[int]:
+        seq = row.seq
+        solo = self._solo
+        if solo is None or solo.seq_id != seq.id or solo.length != seq.num_cached:
+            self._flush_solo()
+            solo = self._solo = SoloCache(seq.id, self.backbone, self.pool, seq.blocks, seq.num_cached)
+        logits = solo_forward(self.backbone, solo, self._feed(row), seq.cross_kv)
+        touched = [seq.id] if self._advance(row, logits) else []
+        if seq.finished:
+            self._solo = None
+        else:  # rejected drafts: their K/V sit past num_cached and are simply overwritten next step
+            solo.length = seq.num_cached
+            solo.synced = min(solo.synced, solo.length)
+        return touched
+
+    def _flush_solo(self) -> None:
+        """Write the fast path's tokens into the request's pool blocks and drop its copy; a request that finished,
+        was aborted or preempted since (its blocks may be gone) is just dropped."""
+        solo, self._solo = self._solo, None
+        if solo is None:
+            return
+        seq = self._seqs.get(solo.seq_id)
+        if seq is not None and not seq.finished and seq.status == Status.RUNNING and seq.num_cached == solo.length:
+            solo.flush(self.pool, seq.blocks)
 
     def _collect_encoded(self) -> None:
         for seq in list(self.scheduler.encoding):

@@ -1,0 +1,154 @@
+"""Batch-1 fast path: when the running batch is one request (decoding, verifying drafts or prefilling), skip the
+paged batch view.
+
+At batch 1 a decode step's matmuls read the weights once (memory bound); what the general path adds on top is
+per-step bookkeeping -- block tables, key masks, per-layer page gathers of the whole context, the generic cache
+protocol. Here the lone request keeps a contiguous copy of its K/V (1, Hkv, max_len, Dh) per layer, appends each
+new token in place and attends to the prefix with no mask (one query sees every earlier key). The paged pool stays
+the source of truth for everyone else: `flush` writes the tokens decoded here back into the request's blocks
+before any general forward runs, so switching between the paths is exact.
+
+Eligible models: every layer full attention without ALiBi, model-dtype KV (INT8 reads back quantized values, which
+this copy would not). The layer math is the modules' own (same norms, projections, RoPE, SDPA, feed-forwards).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmr1.attention import apply_rotary
+from mmr1.backbone import R1Model
+from mmr1.engine.paged_cache import PagedKVPool
+from mmr1.moe import MoEFeedForward, Router, select_experts
+
+
+def solo_eligible(model: R1Model, kv_cache_dtype: str) -> bool:
+    """The fast path re-spells R1Model.forward's decode math: only for that forward (not a subclass's own)."""
+    cfg = model.cfg
+    return (type(model).forward is R1Model.forward and kv_cache_dtype == "model" and all(kind == "full" for kind in cfg.layer_kinds())
+            and not cfg.alibi_global)
+
+
+class SoloCache:
+    """One request's contiguous K/V: tokens [0, length) are here; [0, synced) are also in its pool blocks."""
+
+    def __init__(self, seq_id: int, model: R1Model, pool: PagedKVPool, blocks: list[int], num_cached: int):
+        cfg = model.cfg
+        self.seq_id, self.max_len = seq_id, cfg.max_seq_len
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._shape = (1, cfg.n_kv_heads, 0, cfg.head_dim)
+        self._n_layers, self._dtype, self._device = cfg.n_layers, pool.dtype, pool.keys[0].device
+        self.reserve(num_cached + 1)
+        if num_cached:  # one gather of what the pool already holds
+            slots = torch.tensor([blocks[p // pool.block_size] * pool.block_size + p % pool.block_size
+                                  for p in range(num_cached)], device=self._device)[None]  # (1, C)
+            for layer in range(cfg.n_layers):
+                k, v = pool.gather(layer, slots)  # (1, Hkv, C, Dh)
+                self.keys[layer][:, :, :num_cached] = k
+                self.values[layer][:, :, :num_cached] = v
+        self.length = self.synced = num_cached
+
+    def reserve(self, num_tokens: int) -> None:
+        """Room for num_tokens positions: capacity doubles (from 256, up to max_seq_len), so a long-context model
+        doesn't pay max_seq_len x layers up front and appends stay amortized O(1)."""
+        capacity = self.keys[0].shape[2] if self.keys else 0
+        if num_tokens <= capacity:
+            return
+        new_capacity = min(self.max_len, max(256, 2 * capacity, num_tokens))
+        shape = (*self._shape[:2], new_capacity, self._shape[3])
+        grown = [[torch.empty(shape, dtype=self._dtype, device=self._device) for _ in range(self._n_layers)]
+                 for _ in range(2)]
+        for old, new in zip((self.keys, self.values), grown):
+            for layer, t in enumerate(old):
+                new[layer][:, :, :capacity] = t
+        self.keys, self.values = grown
+
+    def flush(self, pool: PagedKVPool, blocks: list[int]) -> None:
+        """Write tokens [synced, length) into the request's pool blocks."""
+        if self.synced == self.length:
+            return
+        bs = pool.block_size
+        slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(self.synced, self.length)],
+                             device=pool.keys[0].device)
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            new = slice(self.synced, self.length)
+            pool.write(layer, slots, k[0, :, new].transpose(0, 1), v[0, :, new].transpose(0, 1))  # (N, Hkv, Dh)
+        self.synced = self.length
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm as one fused op (the module spells it out in six; same formula, fp32 rounding may differ ~1e-7)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight
+
+
+def _route_one(router: Router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router.forward's expert choice for one token (1, D) -> weights, indices (1, k), without its training
+    statistics (balance losses, z-loss, entropy: a dozen small ops per layer that decoding throws away)."""
+    cfg = router.cfg
+    if cfg.capacity_factor is not None:  # capacity can drop slots: keep the module's exact rule
+        routing = router(h, None, seq_len=1)
+        return routing.weights, routing.indices
+    with torch.autocast(h.device.type, enabled=False):
+        logits = F.linear(h.float(), router.gate.weight.float())  # (1, E)
+    scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    return select_experts(scores, cfg, router.expert_bias if cfg.aux_free_bias else None)
+
+
+def _moe_one(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
+    """One token through an MoE layer: the module's own router, then only its top-k experts' weights are touched
+    (views of the stacked weights, one small matmul chain each) -- no sort/bincount/grouped-GEMM bookkeeping."""
+    weights, indices = _route_one(ffn.router, h)
+    experts, weights = indices[0].tolist(), weights[0].to(h.dtype)
+    w = ffn.experts
+    out = torch.zeros_like(h)
+    for slot, e in enumerate(experts):
+        if e < 0:  # a slot the router dropped (dynamic threshold / capacity)
+            continue
+        y = (F.silu(h @ w.w_gate[e]) * (h @ w.w_up[e])) @ w.w_down[e]  # (1, D)
+        out += y * weights[slot]
+    if ffn.shared is not None:
+        shared = ffn.shared(h)
+        if ffn.shared_gate is not None:
+            shared = torch.sigmoid(ffn.shared_gate(h)) * shared
+        out = out + shared
+    return out
+
+
+@torch.inference_mode()
+def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dict | None) -> torch.Tensor:
+    """Feed `tokens` (a decode token, + speculative drafts, or a prompt chunk) at positions cache.length, ...;
+    returns their logits (L, V) and appends their K/V to the cache. Hidden states stay 2-D (L, D) so every
+    projection is a single addmm/mm (no 3-D matmul reshapes)."""
+    pos, L = cache.length, len(tokens)
+    if pos + L > model.cfg.max_seq_len:
+        raise ValueError(f"R1Model: {pos + L} positions exceed max_seq_len={model.cfg.max_seq_len}")
+    cache.reserve(pos + L)
+    device = model.tok_embeddings.weight.device
+    x = model.tok_embeddings.weight[tokens[0]:tokens[0] + 1] if L == 1 else \
+        model.tok_embeddings(torch.tensor(tokens, device=device))  # (L, D)
+    cos, sin = model.rope(torch.arange(pos, pos + L, device=device)[None])  # (1, 1, L, Dh)
+    # One query sees every earlier key (no mask); L > 1 queries need the causal rule, aligned bottom-right.
+    mask = None if L == 1 else (torch.arange(pos + L, device=device)[None, :]
+                                <= torch.arange(pos, pos + L, device=device)[:, None])  # (L, pos + L)
+    for i, block in enumerate(model.layers):
+        if block.cross_attn is not None and cross and i in cross:
+            x = x + block.cross_attn(x[None], kv=cross[i])[0]
+        attn = block.attn
+        h = _norm(block.attn_norm, x)
+        q = attn.wq(h).view(L, attn.n_heads, attn.head_dim).transpose(0, 1)[None]  # (1, H, L, Dh)
+        k = attn.wk(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)[None]  # (1, Hkv, L, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = cache.keys[i], cache.values[i]
+        keys[:, :, pos:pos + L] = k
+        values[:, :, pos:pos + L] = attn.wv(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, keys[:, :, :pos + L], values[:, :, :pos + L], attn_mask=mask,
+                                             enable_gqa=True)  # (1, H, L, Dh)
+        x = x + attn.wo(out[0].transpose(0, 1).reshape(L, -1))  # (L, H Dh)
+        h = _norm(block.ffn_norm, x)
+        if isinstance(block.ffn, MoEFeedForward):
+            x = x + (_moe_one(block.ffn, h) if L == 1 else block.ffn(h[None])[0][0])
+        else:
+            x = x + block.ffn(h)
+    cache.length = pos + L
+    return model.lm_head(_norm(model.norm, x))  # (L, V)
