@@ -14,10 +14,15 @@ into SDPA's head axis, so a 4-D SDPA call (the CPU flash kernel takes the mask) 
 strided views of the keys (no copies away from the sequence ends); blocks go CALL_ROWS query rows per call, so
 inference temporaries stay bounded. Work is (L, (m + 1) b) = O(L * window). Backward runs through autograd
 (unfold's backward is a fold that sums the overlapping strips).
+
+On CUDA the same rule runs as a FlexAttention block mask (torch.nn.attention.flex_attention, compiled once):
+fully masked key blocks are skipped, so work is O(L * window) there too. MMR1_FLEX_ATTENTION (or FLEX_ATTENTION
+below) = "auto" (CUDA only, the default) / "on" (anywhere; on CPU FlexAttention runs eagerly, exact but dense) / "off".
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +52,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                          f"H={H}, Hkv={Hkv}")
     if window < 1:
         raise ValueError(f"sliding_window_attention: window={window} must be >= 1")
-    if (L <= 16 and S <= window + L) or L * S <= DENSE_MAX_SCORES:
+    decode = L <= 16 and S <= window + L
+    if _flex_wanted(q, dropout_p, decode):
+        return flex_sliding_attention(q, k, v, window, key_mask, extra)
+    if decode or L * S <= DENSE_MAX_SCORES:
         # Decode steps and short sequences (e.g. 64-token training rows): one small dense mask is cheaper than
         # blocking; the blocked path pays off once the (L, S) scores outgrow a few windows.
         return _dense_sliding(q, k, v, window, key_mask, dropout_p, extra)
@@ -166,3 +174,100 @@ def dense_sliding_mask(key_mask: torch.Tensor, query_len: int, window: int) -> t
     key_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
     band = (key_pos <= query_pos) & (key_pos > query_pos - window)
     return (band & (key_mask[:, None, :] | (key_pos == query_pos))).unsqueeze(1)
+
+
+# ---- FlexAttention (CUDA by default) -----------------------------------------------------------------------------
+
+FLEX_ATTENTION = os.environ.get("MMR1_FLEX_ATTENTION", "auto")  # "auto" | "on" | "off"
+_FLEX: dict = {}  # device type -> flex_attention (compiled on CUDA), filled on first use
+_BLOCK_MASKS: dict = {}  # one block mask per (shape, window, device) for unpadded inputs; the last padded one
+
+
+def _flex_wanted(q: torch.Tensor, dropout_p: float, decode: bool) -> bool:
+    """Whether this call runs on FlexAttention: "auto" -> CUDA prefill/training (decode steps stay dense: a
+    window-sized step gains nothing from a block mask and would recompile per length); "on" -> always."""
+    mode = FLEX_ATTENTION
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"MMR1_FLEX_ATTENTION={mode!r}: expected 'auto', 'on' or 'off'")
+    if mode == "off" or dropout_p > 0:  # FlexAttention has no dropout; the blocked kernel does
+        return False
+    if mode == "auto" and (not q.is_cuda or decode):
+        return False
+    if _flex_module() is None:
+        if mode == "on":
+            raise RuntimeError("MMR1_FLEX_ATTENTION=on but torch.nn.attention.flex_attention is not importable")
+        return False
+    return True
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError:
+        return None
+    return fa
+
+
+def _flex_fn(device: torch.device):
+    """flex_attention, compiled once per process on CUDA (its fused kernel); eager elsewhere (exact, dense)."""
+    if device.type not in _FLEX:
+        fn = _flex_module().flex_attention
+        _FLEX[device.type] = torch.compile(fn) if device.type == "cuda" else fn
+    return _FLEX[device.type]
+
+
+def sliding_mask_mod(L: int, S: int, window: int, key_mask: torch.Tensor | None, slots: torch.Tensor | None):
+    """mask_mod(b, h, q_idx, kv_idx) for the rule of sliding_window_attention over S keys [+ T global keys after
+    them, with slots (B, T)]: the query at slot S - L + q_idx sees kv_idx in its window if real (or itself), and
+    global key S + t if slots[b, t] <= its slot - window."""
+    offset = S - L
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_slot = q_idx + offset
+        seen = (kv_idx <= q_slot) & (kv_idx > q_slot - window)
+        if key_mask is not None:  # clamp: global columns (kv_idx >= S) index past the key mask
+            seen = seen & (key_mask[b, kv_idx.clamp(max=S - 1)] | (kv_idx == q_slot))
+        if slots is None:
+            return seen
+        t = (kv_idx - S).clamp(min=0, max=slots.shape[1] - 1)
+        return torch.where(kv_idx >= S, slots[b, t] <= q_slot - window, seen)
+
+    return mask_mod
+
+
+def sliding_block_mask(B: int, L: int, S: int, window: int, key_mask: torch.Tensor | None,
+                       slots: torch.Tensor | None, device: torch.device):
+    """The BlockMask of sliding_mask_mod. Unpadded ones are cached by shape; a padded one is reused while the
+    same key_mask / slots tensors come back unchanged (every layer of one forward passes the same key mask)."""
+    fa = _flex_module()
+    T = 0 if slots is None else slots.shape[1]
+    if key_mask is None and slots is None:
+        key = (L, S, window, str(device))
+        if key not in _BLOCK_MASKS:
+            _BLOCK_MASKS[key] = fa.create_block_mask(sliding_mask_mod(L, S, window, None, None), None, None, L, S,
+                                                     device=device, _compile=device.type == "cuda")
+        return _BLOCK_MASKS[key]
+    tensors = tuple(x for x in (key_mask, slots) if x is not None)
+    stamp = (B, L, S, T, window, str(device), tuple(x._version for x in tensors))
+    last = _BLOCK_MASKS.get("padded")
+    if last is not None and last[1] == stamp and all(a is b for a, b in zip(last[0], tensors)):
+        return last[2]
+    block_mask = fa.create_block_mask(sliding_mask_mod(L, S, window, key_mask, slots), B, None, L, S + T,
+                                      device=device, _compile=device.type == "cuda")
+    _BLOCK_MASKS["padded"] = (tensors, stamp, block_mask)  # holds the tensors: no id is reused while cached
+    return block_mask
+
+
+def flex_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                           key_mask: torch.Tensor | None = None,
+                           extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """sliding_window_attention (same arguments, no dropout) through FlexAttention -> (B, H, L, D)."""
+    B, L, S = q.shape[0], q.shape[2], k.shape[2]
+    slots = None
+    if extra is not None:  # the global tokens become T more key columns after the S window keys
+        k_g, v_g, slots = extra
+        k, v = torch.cat([k, k_g], dim=2), torch.cat([v, v_g], dim=2)  # (B, Hkv, S + T, D)
+    if key_mask is not None and key_mask.shape[0] != B:
+        key_mask = key_mask.expand(B, S)
+    block_mask = sliding_block_mask(B, L, S, window, key_mask, slots, q.device)
+    return _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=True)
