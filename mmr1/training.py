@@ -158,11 +158,13 @@ class MMR1LightningModule(L.LightningModule):
             apply_activation_checkpointing(self.model)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Expert-parallel experts are DTensors on their own mesh, which torch's clip_grad_norm_ cannot stack with
-        # the rest; clip by the same global norm, reduced mesh by mesh.
-        if gradient_clip_val and self.parallel_config.expert_parallel_size > 1:
+        # Under tensor/expert parallel the parameters are DTensors on different meshes (TP: (dp, tp); experts:
+        # their own mesh; the rest: dp), which torch's clip_grad_norm_ cannot stack; clip by the same global norm,
+        # reduced mesh by mesh.
+        cfg = self.parallel_config
+        if gradient_clip_val and (cfg.expert_parallel_size > 1 or cfg.tensor_parallel_size > 1):
             if gradient_clip_algorithm not in (None, "norm"):
-                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: with expert "
+                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: with tensor/expert "
                                  f"parallel only 'norm' clipping is supported")
             from mmr1.parallel.clip import clip_grad_norm_
             clip_grad_norm_(self.parameters(), gradient_clip_val)

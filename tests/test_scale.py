@@ -107,3 +107,18 @@ def test_expert_parallel_fsdp_equals_ddp_and_exports(setup, ddp, tmp_path):
     reference, _ = model_from_checkpoint(ddp_dir / "checkpoints" / "last.ckpt")
     for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_from_yaml_equals_one_process(setup):
+    """TP(2) x FSDP2 through FSDPStrategy (both ranks share each batch, heads split across them) trains like one
+    process on the same mixed-modality batches."""
+    tmp, base, _ = setup
+    model = {"backbone": {"n_kv_heads": 2, "moe": MODEL["backbone"]["moe"]}}  # KV heads must split over 2 ranks
+    one = scale_config(base, tmp / "tp_one", batch_size=8, model=model, data={"shuffle": False})
+    run_fit(one)
+    tp_model = {**model, "parallel": {"data_parallel": "fsdp", "tensor_parallel_size": 2}}
+    tp = scale_config(base, tmp / "tp", batch_size=8, devices=2, strategy=FSDP, model=tp_model,
+                      data={"shuffle": False})
+    run_fit(tp)
+    assert_losses_close(train_losses(tmp / "tp"), train_losses(tmp / "tp_one"), range(STEPS), tol=1e-5)
