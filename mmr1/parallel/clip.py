@@ -1,9 +1,9 @@
 """Gradient-norm clipping for a model whose parameters are DTensors on different meshes.
 
 torch.nn.utils.clip_grad_norm_ stacks the per-parameter norms into one tensor, which DTensor refuses when they
-live on different meshes -- as with tensor parallel ((dp, tp) mesh next to dp-only parameters) or expert parallel, where routed experts are sharded over the
-(expert_replicate, expert_parallel) mesh and everything else over the data-parallel mesh. Here each DTensor
-norm is reduced over its own mesh first (`full_tensor()`), so the total is the norm of the whole unsharded
+live on different meshes: under tensor parallel the sharded layers sit on the (dp, tp) mesh next to dp-only
+parameters, under expert parallel the routed experts on the (expert_replicate, expert_parallel) mesh. Here each
+DTensor norm is reduced over its own mesh first (`full_tensor()`), so the total is the norm of the whole unsharded
 gradient, exactly what one process would clip by.
 """
 from __future__ import annotations
