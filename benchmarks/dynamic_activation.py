@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.report import publish
 from data_pipelines.datamodule import MultimodalDataModule
 from mmr1.model import MultimodalR1
 from mmr1.moe import MoEFeedForward
@@ -106,16 +105,10 @@ def main() -> None:
              "|---|---|---|---|---|"]
     table += [f"| {r['setting']} | {r['mean_experts_per_token']:.2f} | {r['expert_mflops_per_token']:.3f} | "
               f"{r['saved_vs_top4']:.1%} | {r['answer_accuracy']:.1%} |" for r in rows]
-    print("\n".join(table))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        header = (f"`{report['command']}` on {report['machine']}; model trained with fixed top-{moe.top_k} "
-                  f"of {moe.num_experts} experts ({moe.num_groups} groups, best {moe.topk_groups} kept), "
-                  f"{rows[0]['answers']} held-out answers, teacher-forced.\n\n")
-        out.with_suffix(".md").write_text(header + "\n".join(table) + "\n")
-
+    header = (f"`{report['command']}` on {report['machine']}; model trained with fixed top-{moe.top_k} of "
+              f"{moe.num_experts} experts ({moe.num_groups} groups, best {moe.topk_groups} kept), "
+              f"{rows[0]['answers']} held-out answers, teacher-forced.\n\n")
+    publish(report, header + "\n".join(table), args.out)
 
 if __name__ == "__main__":
     main()

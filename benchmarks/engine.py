@@ -20,7 +20,6 @@ Models are random-weight (the demo export is not assumed to exist); every timing
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from benchmarks.report import publish
 from benchmarks import engine_cases as cases
 
 TARGETS = {"decode_vs_hf": 1.5, "continuous_vs_static": 3.0, "speculative": 1.5, "int8_saving_vs_bf16": 0.5,
@@ -154,11 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": TARGETS,
     }
     result["total_seconds"] = time.perf_counter() - start
-    print(markdown(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(result) + "\n")
+    publish(result, markdown(result), args.out)
     return result
 
 

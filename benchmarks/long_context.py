@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from benchmarks.report import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "configs" / "profiles" / "long_context.yaml"
 PATTERNS = ("full", "sliding", "hybrid", "hybrid+tokens")
@@ -190,7 +192,7 @@ def machine() -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Long-context attention and KV cache (CPU)", "", f"`{result['command']}`", "",
+    lines = ["# Long-context attention and KV cache (CPU)", "", f"`{result['command']}`", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
              f"{result['machine']['torch']}. {result['geometry']}", "",
              "## Attention: time (median) and peak memory", "",
@@ -262,13 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"their window + <bos> and one marker per {MARKER_EVERY} tokens.",
               "attention": attention, "growth_exponents": growth_exponents(attention, lengths[-2]), "decode": decode,
               "targets": targets(attention, decode, lengths[-1])}
-    report = markdown(result)
-    print(report)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(report)
+    publish(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

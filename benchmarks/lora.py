@@ -14,7 +14,6 @@ the process's resident-set high-water mark (includes the framework, activations 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+
+from benchmarks.report import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256  # about the size of `mmr1 data synth`'s tokenizer
@@ -151,11 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           f"NOT met here ({full['step_s_median'] / lora['step_s_median']:.2f}x)") + "."),
         "total_seconds": time.perf_counter() - start,
     }
-    print(markdown(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(result) + "\n")
+    publish(result, markdown(result), args.out)
     return result
 
 

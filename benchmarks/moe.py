@@ -17,7 +17,6 @@ measurement (the eager loop's fwd+bwd takes seconds per call); CPU timings are n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from transformers import MixtralConfig, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
+from benchmarks.report import publish
 from mmr1.config import MoEConfig
 from mmr1.moe import MoEFeedForward
 from mmr1.moe_kernels import cpu_path
@@ -277,11 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "rows": dynamic_activation_savings(geo)},
         "total_seconds": time.perf_counter() - start,
     }
-    print(markdown(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(result) + "\n")
+    publish(result, markdown(result), args.out)
     return result
 
 

@@ -1,0 +1,16 @@
+"""How every benchmark publishes: the markdown table on stdout, and with `--out PATH` the same table in PATH.md
+next to the full results in PATH.json (what benchmarks/results/ holds)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def publish(result: dict[str, Any], table: str, out: str | Path | None) -> None:
+    print(table)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table.rstrip("\n") + "\n")
