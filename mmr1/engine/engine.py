@@ -369,12 +369,8 @@ class Engine:
         """Yield a request's tokens as they come, stepping the engine (and everyone else in it) as needed."""
         seq = self._seqs[request_id]
         while True:
-            while seq.read < len(seq.output):
-                seq.read += 1
-                yield seq.output[seq.read - 1]
-            if seq.finished:
-                if seq.error is not None:
-                    raise seq.error
+            yield from _unread_tokens(seq)
+            if _ended(seq):
                 return
             self.step()
 
@@ -402,12 +398,9 @@ class Engine:
         seq = self._seqs[request_id]
         try:
             while True:
-                while seq.read < len(seq.output):
-                    seq.read += 1
-                    yield seq.output[seq.read - 1]
-                if seq.finished:
-                    if seq.error is not None:
-                        raise seq.error
+                for token in _unread_tokens(seq):
+                    yield token
+                if _ended(seq):
                     return
                 async with self._async_lock:
                     if seq.read == len(seq.output) and not seq.finished:
@@ -416,3 +409,17 @@ class Engine:
             if not seq.finished:
                 self.abort(request_id)
             self._seqs.pop(request_id, None)
+
+
+def _unread_tokens(seq) -> Iterator[int]:
+    """The request's tokens not yet handed to its reader, marking each as read."""
+    while seq.read < len(seq.output):
+        seq.read += 1
+        yield seq.output[seq.read - 1]
+
+
+def _ended(seq) -> bool:
+    """Whether the request is finished; re-raises the error that ended it, if any."""
+    if seq.finished and seq.error is not None:
+        raise seq.error
+    return seq.finished
