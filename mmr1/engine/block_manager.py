@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 class OutOfBlocks(RuntimeError):
-    pass
+    """allocate() asked for more blocks than are free: a scheduler bug, since it checks can_allocate first."""
 
 
 class BlockAllocator:
