@@ -8,8 +8,8 @@ import torch.nn.attention.flex_attention as torch_flex
 
 from mmr1 import local_attention
 from mmr1.local_attention import marked_tokens, sliding_window_attention
-from tests.test_long_context import (SCHEDULES, TOL, batch, long_model, naive_attention, padding_mask,
-                                     reference_mask)
+from tests.test_long_context import (SCHEDULES, TOL, batch, global_token_case, long_model, naive_attention,
+                                     padding_mask, reference_mask)
 
 
 @pytest.fixture
@@ -57,18 +57,9 @@ def test_flex_matches_dense(B, H, Hkv, L, S, window, padded, flex_on):
 
 def test_flex_global_tokens(flex_on):
     """Designated global tokens: T extra key columns the mask_mod opens by slot."""
-    torch.manual_seed(1)
-    B, H, Hkv, L, S, window = 3, 4, 2, 41, 55, 6
-    q = torch.randn(B, H, L, 16, requires_grad=True)
-    k = torch.randn(B, Hkv, S, 16, requires_grad=True)
-    v = torch.randn(B, Hkv, S, 16, requires_grad=True)
-    key_mask = padding_mask(B, S, seed=2)
-    marked = (torch.rand(B, S, generator=torch.Generator().manual_seed(3)) < 0.15) & key_mask
-    marked[0, 0] = True
+    q, k, v, key_mask, marked, window, allowed = global_token_case()
     out = sliding_window_attention(q, k, v, window, key_mask, extra=marked_tokens(k, v, marked))
     assert len(flex_on) == 1
-    allowed = reference_mask(key_mask, L, window)
-    allowed |= marked[:, None, :] & reference_mask(torch.ones(B, S, dtype=torch.bool), L, None)
     check_forward_backward(out, naive_attention(q, k, v, allowed), (q, k, v))
 
 

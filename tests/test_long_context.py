@@ -109,10 +109,9 @@ def test_sliding_window_attention_matches_dense(B, H, Hkv, L, S, window, block, 
         torch.testing.assert_close(g_got, g_want, **TOL)
 
 
-@pytest.mark.parametrize("call_rows", [4096, 16])
-def test_global_tokens_extend_the_window(call_rows, monkeypatch):
-    """extra keys: a query also sees every earlier marked token, even far outside its window."""
-    monkeypatch.setattr(local_attention, "CALL_ROWS", call_rows)
+def global_token_case():
+    """Padded q, k, v with cached keys (S > L), ~15 % of real tokens marked global, and the dense reference's
+    `allowed` (B, L, S): the sliding window plus every earlier marked token."""
     torch.manual_seed(1)
     B, H, Hkv, L, S, window = 3, 4, 2, 41, 55, 6
     q = torch.randn(B, H, L, 16, requires_grad=True)
@@ -121,9 +120,17 @@ def test_global_tokens_extend_the_window(call_rows, monkeypatch):
     key_mask = padding_mask(B, S, seed=2)
     marked = (torch.rand(B, S, generator=torch.Generator().manual_seed(3)) < 0.15) & key_mask
     marked[0, 0] = True
-    out = sliding_window_attention(q, k, v, window, key_mask, 8, extra=marked_tokens(k, v, marked))
     allowed = reference_mask(key_mask, L, window)
     allowed |= marked[:, None, :] & reference_mask(torch.ones(B, S, dtype=torch.bool), L, None)
+    return q, k, v, key_mask, marked, window, allowed
+
+
+@pytest.mark.parametrize("call_rows", [4096, 16])
+def test_global_tokens_extend_the_window(call_rows, monkeypatch):
+    """extra keys: a query also sees every earlier marked token, even far outside its window."""
+    monkeypatch.setattr(local_attention, "CALL_ROWS", call_rows)
+    q, k, v, key_mask, marked, window, allowed = global_token_case()
+    out = sliding_window_attention(q, k, v, window, key_mask, 8, extra=marked_tokens(k, v, marked))
     ref = naive_attention(q, k, v, allowed)
     torch.testing.assert_close(out, ref, **TOL)
     grad = torch.randn_like(out)
