@@ -61,12 +61,15 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
 
 
 def decode_vs_transformers(family: str, new_tokens: int, repeats: int) -> dict:
+    """HF generate vs our engine at batch 1, eager fast path and with `compile_decode` (the step compiled once,
+    in the warm-up call, not timed)."""
     hf = hf_model(family)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = R1Model.from_hf(tmp).eval()
     prompt = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(1))
-    engine = Engine(ours, config=EngineConfig(max_batch=1))
+    engines = {"eager": Engine(ours, config=EngineConfig(max_batch=1)),
+               "compiled": Engine(ours, config=EngineConfig(max_batch=1, compile_decode=True))}
     params = SamplingParams(max_new_tokens=new_tokens)
 
     def run_hf():
@@ -75,22 +78,23 @@ def decode_vs_transformers(family: str, new_tokens: int, repeats: int) -> dict:
                               pad_token_id=0, eos_token_id=None)
         return out[0, 16:].tolist()
 
-    def run_ours():
-        return engine.generate([prompt[0].tolist()], params)[0].token_ids
-
-    run_hf(), run_ours()  # warm-up
-    hf_s, ours_s = [], []
-    for _ in range(repeats):  # interleaved, so contention hits both alike
-        theirs, t = timed(run_hf)
-        hf_s.append(t)
-        mine, t = timed(run_ours)
-        ours_s.append(t)
-    agree = sum(a == b for a, b in zip(mine, theirs)) / new_tokens
-    ours_tps, hf_tps = new_tokens / statistics.median(ours_s), new_tokens / statistics.median(hf_s)
+    runs = {"hf": run_hf, **{name: (lambda e=e: e.generate([prompt[0].tolist()], params)[0].token_ids)
+                             for name, e in engines.items()}}
+    compile_s = {name: timed(run)[1] for name, run in runs.items()}["compiled"]  # warm-up; compiles
+    times = {name: [] for name in runs}
+    outputs = {}
+    for _ in range(repeats):  # interleaved, so contention hits all alike
+        for name, run in runs.items():
+            outputs[name], t = timed(run)
+            times[name].append(t)
+    tps = {name: new_tokens / statistics.median(ts) for name, ts in times.items()}
     bpt = weight_bytes_per_token(ours)
-    return {"family": family, "new_tokens": new_tokens, "ours_tok_s": ours_tps, "hf_tok_s": hf_tps,
-            "speedup": ours_tps / hf_tps, "greedy_token_agreement": agree, "weight_bytes_per_token": bpt,
-            "achieved_bandwidth_gb_s": bpt * ours_tps / 1e9}
+    agree = {name: sum(a == b for a, b in zip(outputs[name], outputs["hf"])) / new_tokens for name in engines}
+    return {"family": family, "new_tokens": new_tokens, "hf_tok_s": tps["hf"], "eager_tok_s": tps["eager"],
+            "ours_tok_s": tps["compiled"], "speedup": tps["compiled"] / tps["hf"],
+            "eager_speedup": tps["eager"] / tps["hf"], "compile_s": compile_s,
+            "greedy_token_agreement": agree["compiled"], "eager_greedy_token_agreement": agree["eager"],
+            "weight_bytes_per_token": bpt, "achieved_bandwidth_gb_s": bpt * tps["compiled"] / 1e9}
 
 
 # ---- shared serving model and workloads ---------------------------------------------------------------------

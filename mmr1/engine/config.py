@@ -73,6 +73,9 @@ class EngineConfig:
     async_encoding: bool = True  # image/audio load -> preprocess -> encode in ModalityQueues workers
     encoder_max_batch: int = 16
     speculative: Optional[SpeculativeConfig] = None
+    # torch.compile the batch-1 decode step (gpt-fast style; full-attention models in model-dtype KV). The first
+    # decode step compiles (seconds to tens of seconds on CPU); later ones run the fused graph.
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("model", "int8"):

@@ -3,8 +3,10 @@ paged batch view.
 
 At batch 1 a decode step's matmuls read the weights once (memory bound); what the general path adds on top is
 per-step bookkeeping -- block tables, key masks, per-layer page gathers of the whole context, the generic cache
-protocol. Here the lone request keeps a contiguous copy of its K/V (1, Hkv, max_len, Dh) per layer, appends each
-new token in place and attends to the prefix with no mask (one query sees every earlier key). The paged pool stays
+protocol. Here the lone request keeps a contiguous copy of its K/V (1, Hkv, capacity, Dh) per layer, writes each
+new token in place and attends over the buffer under a position mask. With `EngineConfig.compile_decode` the
+single-token step is one torch.compile graph (gpt-fast's recipe: its shapes never depend on the position, so one
+graph serves every step and torch.compile fuses the dozens of small ops around the matmuls). The paged pool stays
 the source of truth for everyone else: `flush` writes the tokens decoded here back into the request's blocks
 before any general forward runs, so switching between the paths is exact.
 
@@ -57,7 +59,9 @@ class SoloCache:
             return
         new_capacity = min(self.max_len, max(256, 2 * capacity, num_tokens))
         shape = (*self._shape[:2], new_capacity, self._shape[3])
-        grown = [[torch.empty(shape, dtype=self._dtype, device=self._device) for _ in range(self._n_layers)]
+        # zeros, not empty: a step attends over the whole buffer with a mask, and a masked position must hold
+        # finite values (0 * NaN is NaN in the softmax-weighted sum).
+        grown = [[torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self._n_layers)]
                  for _ in range(2)]
         for old, new in zip((self.keys, self.values), grown):
             for layer, t in enumerate(old):
@@ -115,22 +119,37 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.inference_mode()
-def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dict | None) -> torch.Tensor:
-    """Feed `tokens` (a decode token, + speculative drafts, or a prompt chunk) at positions cache.length, ...;
-    returns their logits (L, V) and appends their K/V to the cache. Hidden states stay 2-D (L, D) so every
-    projection is a single addmm/mm (no 3-D matmul reshapes)."""
-    pos, L = cache.length, len(tokens)
-    if pos + L > model.cfg.max_seq_len:
-        raise ValueError(f"R1Model: {pos + L} positions exceed max_seq_len={model.cfg.max_seq_len}")
-    cache.reserve(pos + L)
-    device = model.tok_embeddings.weight.device
-    x = model.tok_embeddings.weight[tokens[0]:tokens[0] + 1] if L == 1 else \
-        model.tok_embeddings(torch.tensor(tokens, device=device))  # (L, D)
-    cos, sin = model.rope(torch.arange(pos, pos + L, device=device)[None])  # (1, 1, L, Dh)
-    # One query sees every earlier key (no mask); L > 1 queries need the causal rule, aligned bottom-right.
-    mask = None if L == 1 else (torch.arange(pos + L, device=device)[None, :]
-                                <= torch.arange(pos, pos + L, device=device)[:, None])  # (L, pos + L)
+def _moe_one_gathered(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
+    """`_moe_one` without the host sync, for the compiled step: the chosen experts' weights are gathered by index
+    tensor, so the graph does not depend on which experts the router picked. h (1, D) -> (1, D)."""
+    weights, indices = _route_one(ffn.router, h)  # (1, k)
+    chosen = indices[0].clamp_min(0)  # (k,) a dropped slot (-1) reads expert 0 with weight 0
+    w = ffn.experts
+    hk = h.expand(chosen.shape[0], 1, h.shape[-1])  # (k, 1, D)
+    hidden = F.silu(torch.bmm(hk, w.w_gate[chosen])) * torch.bmm(hk, w.w_up[chosen])  # (k, 1, H)
+    y = torch.bmm(hidden, w.w_down[chosen])[:, 0]  # (k, D)
+    slot_weights = torch.where(indices[0] >= 0, weights[0], 0.0).to(h.dtype)  # (k,)
+    out = (slot_weights[:, None] * y).sum(0, keepdim=True)  # (1, D)
+    if ffn.shared is not None:
+        shared = ffn.shared(h)
+        if ffn.shared_gate is not None:
+            shared = torch.sigmoid(ffn.shared_gate(h)) * shared
+        out = out + shared
+    return out
+
+
+def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: torch.Tensor,
+              positions: torch.Tensor, cross: dict | None, gather_experts: bool = False) -> torch.Tensor:
+    """tokens (L,) at positions (L,) against per-layer K/V buffers (1, Hkv, C, Dh) -> logits (L, V); writes their
+    K/V into the buffers. Shapes never depend on the position (K/V written with index_copy_, attention over the
+    whole buffer under a mask), so with L = 1 and gather_experts this is the graph `compile_decode` compiles.
+    Hidden states stay 2-D (L, D): every projection is a single mm."""
+    L, capacity = tokens.shape[0], keys[0].shape[2]
+    x = model.tok_embeddings(tokens)  # (L, D)
+    cos, sin = model.rope(positions[None])  # (1, 1, L, Dh)
+    # Query i sees keys 0..positions[i]: the cached prefix and the new tokens up to itself. Slots past the newest
+    # position hold zeros or a rejected draft's K/V, masked either way.
+    visible = torch.arange(capacity, device=tokens.device)[None, :] <= positions[:, None]  # (L, C)
     for i, block in enumerate(model.layers):
         if block.cross_attn is not None and cross and i in cross:
             x = x + block.cross_attn(x[None], kv=cross[i])[0]
@@ -139,16 +158,33 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
         q = attn.wq(h).view(L, attn.n_heads, attn.head_dim).transpose(0, 1)[None]  # (1, H, L, Dh)
         k = attn.wk(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)[None]  # (1, Hkv, L, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values = cache.keys[i], cache.values[i]
-        keys[:, :, pos:pos + L] = k
-        values[:, :, pos:pos + L] = attn.wv(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q, keys[:, :, :pos + L], values[:, :, :pos + L], attn_mask=mask,
-                                             enable_gqa=True)  # (1, H, L, Dh)
+        keys[i].index_copy_(2, positions, k)
+        values[i].index_copy_(2, positions, attn.wv(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)[None])
+        out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=visible, enable_gqa=True)  # (1, H, L, Dh)
         x = x + attn.wo(out[0].transpose(0, 1).reshape(L, -1))  # (L, H Dh)
         h = _norm(block.ffn_norm, x)
-        if isinstance(block.ffn, MoEFeedForward):
-            x = x + (_moe_one(block.ffn, h) if L == 1 else block.ffn(h[None])[0][0])
-        else:
+        if not isinstance(block.ffn, MoEFeedForward):
             x = x + block.ffn(h)
-    cache.length = pos + L
+        elif L > 1:
+            x = x + block.ffn(h[None])[0][0]
+        else:
+            x = x + (_moe_one_gathered(block.ffn, h) if gather_experts else _moe_one(block.ffn, h))
     return model.lm_head(_norm(model.norm, x))  # (L, V)
+
+
+@torch.inference_mode()
+def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dict | None,
+                 compiled_step=None) -> torch.Tensor:
+    """Feed `tokens` (a decode token, + speculative drafts, or a prompt chunk) at positions cache.length, ...;
+    returns their logits (L, V) and appends their K/V to the cache. `compiled_step`: torch.compile(solo_step),
+    used for single-token steps (EngineConfig.compile_decode)."""
+    pos, L = cache.length, len(tokens)
+    if pos + L > model.cfg.max_seq_len:
+        raise ValueError(f"R1Model: {pos + L} positions exceed max_seq_len={model.cfg.max_seq_len}")
+    cache.reserve(pos + L)
+    device = cache.keys[0].device
+    args = (model, cache.keys, cache.values, torch.tensor(tokens, device=device),
+            torch.arange(pos, pos + L, device=device), cross)
+    logits = compiled_step(*args, gather_experts=True) if compiled_step is not None and L == 1 else solo_step(*args)
+    cache.length = pos + L
+    return logits
