@@ -29,7 +29,7 @@ def test_demo_hybrid_profile_fits_a_few_steps(tmp_path):
     model, _ = model_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     kinds = [block.attn.kind for block in model.backbone.layers]
     assert kinds == ["sliding", "hybrid", "sliding", "full"]
-    assert model.backbone.layers[0].attn.window == 16 < cfg["data"]["max_length"]
+    assert model.backbone.layers[0].attn.window == overlay["window"] < cfg["data"]["max_length"]
     rows = list(csv.DictReader(next((tmp_path / "run" / "logs").rglob("metrics.csv")).open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) >= 5 and all(math.isfinite(x) for x in losses)
