@@ -105,9 +105,10 @@ def markdown(r: dict) -> str:
     lines += ["", "Notes: (1) at batch 1 the engine takes its fast path (mmr1/engine/solo.py: contiguous K/V, no "
               "paged views, MoE touching only the chosen experts); with `compile_decode` each decode step is one "
               "torch.compile graph (static shapes, gpt-fast style) that fuses the small ops around the matmuls; "
-              "HF runs its generate() with its default cache (not compiled); both read the same fp32 weights with the same torch threads, greedy, same new tokens, warm; "
-              "a decode step is memory bound, so the ceiling is weight bytes / bandwidth and what is left to win "
-              "is HF's per-step overhead; (2) 'static' = the engine with no admission until its batch is done "
+              "HF runs its generate() with its default cache (not compiled); both read the same fp32 weights "
+              "with the same torch threads, greedy, same new tokens, warm; a decode step reads every active "
+              "weight once, so weight bytes / bandwidth bounds it, but the 42-51 MB models fit in this machine's "
+              "large L3 cache, so the copy figure (a 256 MB copy) is a guide, not a hard ceiling; (2) 'static' = the engine with no admission until its batch is done "
               "(finished rows retire), 'padded static' = generate() per group, where finished rows keep "
               "computing; on CPU a step's cost grows with its rows, which caps what filling freed slots can gain; "
               "the log-normal mix is the headline, the bimodal one is the previous workload; (3) the random "
@@ -116,9 +117,8 @@ def markdown(r: dict) -> str:
               "66/128 of bf16's bytes (-48.4 %); exactly -50 % would need scale-free int8, impossible with "
               "per-token per-head scales; (5) low_latency.yaml keeps full-precision KV and large prefill chunks "
               "(smaller chunks measured worse on CPU), so it is the default's settings written out and mainly "
-              "differs from the INT8 throughput profile; (6) other sessions shared this machine's cores during the "
-              "run (see the load average; a demo training may have been among them), so absolute numbers are "
-              "noisy; ratios are measured side by side."]
+              "differs from the INT8 throughput profile; (6) CPU timings are noisy (see the load average at start; "
+              "async encoding needs a free core for its workers); ratios are measured side by side."]
     return "\n".join(lines)
 
 
