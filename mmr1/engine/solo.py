@@ -99,37 +99,27 @@ def _route_one(router: Router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return select_experts(scores, cfg, router.expert_bias if cfg.aux_free_bias else None)
 
 
-def _moe_one(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
-    """One token through an MoE layer: the module's own router, then only its top-k experts' weights are touched
-    (views of the stacked weights, one small matmul chain each) -- no sort/bincount/grouped-GEMM bookkeeping."""
-    weights, indices = _route_one(ffn.router, h)
-    experts, weights = indices[0].tolist(), weights[0].to(h.dtype)
-    w = ffn.experts
-    out = torch.zeros_like(h)
-    for slot, e in enumerate(experts):
-        if e < 0:  # a slot the router dropped (dynamic threshold / capacity)
-            continue
-        y = (F.silu(h @ w.w_gate[e]) * (h @ w.w_up[e])) @ w.w_down[e]  # (1, D)
-        out += y * weights[slot]
-    if ffn.shared is not None:
-        shared = ffn.shared(h)
-        if ffn.shared_gate is not None:
-            shared = torch.sigmoid(ffn.shared_gate(h)) * shared
-        out = out + shared
-    return out
-
-
-def _moe_one_gathered(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
-    """`_moe_one` without the host sync, for the compiled step: the chosen experts' weights are gathered by index
-    tensor, so the graph does not depend on which experts the router picked. h (1, D) -> (1, D)."""
+def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, gather: bool = False) -> torch.Tensor:
+    """One token h (1, D) through an MoE layer -> (1, D): the module's own router, then only its top-k experts'
+    weights are touched -- no sort/bincount/grouped-GEMM bookkeeping. Eagerly, one small matmul chain per chosen
+    expert on views of the stacked weights (one host sync for the expert ids); with `gather` (the compiled step)
+    the chosen experts' weights are gathered by index tensor instead, so the graph does not depend on the ids."""
     weights, indices = _route_one(ffn.router, h)  # (1, k)
-    chosen = indices[0].clamp_min(0)  # (k,) a dropped slot (-1) reads expert 0 with weight 0
     w = ffn.experts
-    hk = h.expand(chosen.shape[0], 1, h.shape[-1])  # (k, 1, D)
-    hidden = F.silu(torch.bmm(hk, w.w_gate[chosen])) * torch.bmm(hk, w.w_up[chosen])  # (k, 1, H)
-    y = torch.bmm(hidden, w.w_down[chosen])[:, 0]  # (k, D)
-    slot_weights = torch.where(indices[0] >= 0, weights[0], 0.0).to(h.dtype)  # (k,)
-    out = (slot_weights[:, None] * y).sum(0, keepdim=True)  # (1, D)
+    if gather:
+        chosen = indices[0].clamp_min(0)  # (k,) a dropped slot (-1) reads expert 0 with weight 0
+        hk = h.expand(chosen.shape[0], 1, h.shape[-1])  # (k, 1, D)
+        hidden = F.silu(torch.bmm(hk, w.w_gate[chosen])) * torch.bmm(hk, w.w_up[chosen])  # (k, 1, H)
+        y = torch.bmm(hidden, w.w_down[chosen])[:, 0]  # (k, D)
+        slot_weights = torch.where(indices[0] >= 0, weights[0], 0.0).to(h.dtype)  # (k,)
+        out = (slot_weights[:, None] * y).sum(0, keepdim=True)  # (1, D)
+    else:
+        out = torch.zeros_like(h)
+        for slot, e in enumerate(indices[0].tolist()):
+            if e < 0:  # a slot the router dropped (dynamic threshold / capacity)
+                continue
+            y = (F.silu(h @ w.w_gate[e]) * (h @ w.w_up[e])) @ w.w_down[e]  # (1, D)
+            out += y * weights[0, slot].to(h.dtype)
     if ffn.shared is not None:
         shared = ffn.shared(h)
         if ffn.shared_gate is not None:
@@ -168,7 +158,7 @@ def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tenso
         elif L > 1:
             x = x + block.ffn(h[None])[0][0]
         else:
-            x = x + (_moe_one_gathered(block.ffn, h) if gather_experts else _moe_one(block.ffn, h))
+            x = x + _moe_one(block.ffn, h, gather=gather_experts)
     return model.lm_head(_norm(model.norm, x))  # (L, V)
 
 
