@@ -54,7 +54,14 @@ def test_speculative_greedy_equals_plain_greedy(method, max_batch):
     eng.check_no_leaks()
 
 
-def test_the_target_as_its_own_draft_accepts_everything_in_fewer_steps():
+def test_the_target_as_its_own_draft_accepts_everything_in_fewer_steps(monkeypatch):
+    """Drafting alone takes the draft's batch-1 fast path (no paged draft forward); its K/V, flushed into the draft
+    pool after each proposal, must equal the target's own, so every draft is accepted."""
+    import mmr1.engine.speculative as speculative_module
+    paged_drafts = []
+    real_forward = speculative_module.forward_paged
+    monkeypatch.setattr(speculative_module, "forward_paged", lambda *a, **k: paged_drafts.append(1) or
+                        real_forward(*a, **k))
     model = tiny_model(cross_attn_layers=())
     plain = Engine(model, config=EngineConfig(max_batch=1))
     spec = Engine(model, config=EngineConfig(max_batch=1, speculative=SpeculativeConfig("draft", 4)), draft=model)
@@ -63,6 +70,7 @@ def test_the_target_as_its_own_draft_accepts_everything_in_fewer_steps():
     assert a.token_ids == b.token_ids
     assert spec.stats["accepted"] == spec.stats["drafted"] > 0
     assert spec.stats["steps"] <= 1 + 15 // 5 + 1 < plain.stats["steps"]
+    assert paged_drafts == []
 
 
 def test_multimodal_draft_with_its_own_encoders():

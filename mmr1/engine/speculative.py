@@ -20,6 +20,7 @@ from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.runner import forward_paged
 from mmr1.engine.sampling import processed_probs, sample_row
 from mmr1.engine.sequence import Sequence
+from mmr1.engine.solo import SoloCache, solo_eligible, solo_forward
 
 
 def ngram_propose(tokens: list[int], k: int, ngram_max: int = 3, ngram_min: int = 1) -> list[int]:
@@ -62,13 +63,18 @@ def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seen
 
 
 class DraftModel:
-    """A smaller R1 backbone with its own paged KV pool; proposes k tokens per sequence, batched."""
+    """A smaller R1 backbone with its own paged KV pool; proposes k tokens per sequence, batched.
+
+    When one sequence is drafting, it takes the batch-1 fast path (mmr1.engine.solo) like the target does: a
+    contiguous K/V copy, written back to the pool after every proposal so the pool never falls behind."""
 
     def __init__(self, model: R1Model, num_blocks: int, block_size: int, dtype: torch.dtype, device):
         self.model = model.eval()
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         self.pool = PagedKVPool.for_model(model.cfg, num_blocks, block_size, dtype, "model", device)
+        self._solo_ok = solo_eligible(model, "model")
+        self._solo: SoloCache | None = None
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         need = blocks_for(num_tokens, self.block_size) - len(seq.draft_blocks)
@@ -86,13 +92,18 @@ class DraftModel:
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         feeds = {i: seqs[i].tokens[seqs[i].draft_cached:] for i in live}
+        solo = self._solo_for(seqs[live[0]]) if len(live) == 1 and self._solo_ok else None
         for step in range(max((ks[i] for i in live), default=0)):
             rows = [i for i in live if step < ks[i]]
             if not rows:
                 break
-            logits = forward_paged(self.model, self.pool, [feeds[i] for i in rows],
-                                   [seqs[i].draft_cached for i in rows], [seqs[i].draft_blocks for i in rows],
-                                   [seqs[i].draft_cross_kv for i in rows])
+            if solo is not None:
+                seq = seqs[rows[0]]
+                logits = solo_forward(self.model, solo, feeds[rows[0]], seq.draft_cross_kv)[None]  # (1, L, V)
+            else:
+                logits = forward_paged(self.model, self.pool, [feeds[i] for i in rows],
+                                       [seqs[i].draft_cached for i in rows], [seqs[i].draft_blocks for i in rows],
+                                       [seqs[i].draft_cross_kv for i in rows])
             for r, i in enumerate(rows):
                 seq = seqs[i]
                 seq.draft_cached += len(feeds[i])
@@ -102,11 +113,24 @@ class DraftModel:
                 drafts[i].append(token)
                 probs[i].append(q)
                 feeds[i] = [token]
+        if solo is not None:
+            solo.flush(self.pool, seqs[live[0]].draft_blocks)
         return drafts, probs
+
+    def _solo_for(self, seq: Sequence) -> SoloCache:
+        """The fast-path copy of seq's draft K/V: kept while the same sequence goes on drafting alone, rebuilt from
+        the pool (which every proposal has been flushed into) when another sequence drafts alone."""
+        solo = self._solo
+        if solo is None or solo.seq_id != seq.id or solo.length != seq.draft_cached:
+            solo = self._solo = SoloCache(seq.id, self.model, self.pool, seq.draft_blocks, seq.draft_cached)
+        return solo
 
     def rollback(self, seq: Sequence, num_valid: int) -> None:
         """Keep only the first num_valid cached draft tokens (the ones that agree with the committed tokens)."""
         seq.draft_cached = min(seq.draft_cached, num_valid)
+        if self._solo is not None and self._solo.seq_id == seq.id:  # rejected drafts' K/V: masked, overwritten
+            self._solo.length = min(self._solo.length, seq.draft_cached)
+            self._solo.synced = min(self._solo.synced, self._solo.length)
         keep = blocks_for(seq.draft_cached + 1, self.block_size)
         if len(seq.draft_blocks) > keep:
             self.allocator.free(seq.id, seq.draft_blocks[keep:])
