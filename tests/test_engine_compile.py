@@ -17,9 +17,9 @@ class _NoPool:  # SoloCache only reads the pool when it starts from cached token
     keys = [torch.empty(0)]
 
 
-def test_gathered_experts_step_equals_the_eager_step():
-    """The single-token step with MoE experts gathered by index tensor (the graph compile_decode compiles, run
-    eagerly here) == the eager fast path's per-expert views, logits at every step (MoE + cross-attention model)."""
+def test_traced_expert_step_equals_the_eager_step():
+    """The single-token step as compile_decode traces it (expert ids read per slot, dropped slots weighted 0; run
+    eagerly here) == the eager fast path, logits at every step (MoE + cross-attention model)."""
     model = tiny_model()
     cross_states, cross_mask = modality_tokens()
     cross = cross_kv_for(model, cross_states[0][cross_mask[0]][None])
@@ -31,7 +31,7 @@ def test_gathered_experts_step_equals_the_eager_step():
     token = 7
     for _ in range(model.cfg.max_seq_len - len(prompt)):
         want = solo_forward(model, eager, [token], cross)
-        got = solo_forward(model, static, [token], cross, compiled_step=solo_step)  # uncompiled, gathered
+        got = solo_forward(model, static, [token], cross, compiled_step=solo_step)  # uncompiled, traced=True
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         token = int(want[-1].argmax())
     assert static.length == eager.length == model.cfg.max_seq_len

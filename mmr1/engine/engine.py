@@ -27,7 +27,7 @@ from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.runner import cross_kv_for, encode_inline, forward_paged, fuse_one
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status
-from mmr1.engine.solo import SoloCache, solo_eligible, solo_forward, solo_step
+from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
 from mmr1.engine.speculative import DraftModel, ngram_propose, verify
 from mmr1.engine.sampling import make_generator, sample_row
 
@@ -87,7 +87,7 @@ class Engine:
         # Batch-1 fast path (mmr1.engine.solo): a lone running request keeps a contiguous K/V copy.
         self._solo_ok = solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
         self._solo: SoloCache | None = None
-        self._compiled_step = torch.compile(solo_step) if self.cfg.compile_decode and self._solo_ok else None
+        self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
         self._seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()

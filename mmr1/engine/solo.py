@@ -99,27 +99,29 @@ def _route_one(router: Router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return select_experts(scores, cfg, router.expert_bias if cfg.aux_free_bias else None)
 
 
-def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, gather: bool = False) -> torch.Tensor:
+def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, traced: bool = False) -> torch.Tensor:
     """One token h (1, D) through an MoE layer -> (1, D): the module's own router, then only its top-k experts'
-    weights are touched -- no sort/bincount/grouped-GEMM bookkeeping. Eagerly, one small matmul chain per chosen
-    expert on views of the stacked weights (one host sync for the expert ids); with `gather` (the compiled step)
-    the chosen experts' weights are gathered by index tensor instead, so the graph does not depend on the ids."""
+    weights are touched (views of the stacked weights, one small matmul chain each) -- no sort/bincount/
+    grouped-GEMM bookkeeping. Eagerly the expert ids come to the host once; `traced` (the compiled step) reads
+    each id with .item() inside the graph (an unbacked size under `capture_scalar_outputs`), so the graph does not
+    depend on which experts were chosen and still selects views instead of copying the experts' weights."""
     weights, indices = _route_one(ffn.router, h)  # (1, k)
     w = ffn.experts
-    if gather:
-        chosen = indices[0].clamp_min(0)  # (k,) a dropped slot (-1) reads expert 0 with weight 0
-        hk = h.expand(chosen.shape[0], 1, h.shape[-1])  # (k, 1, D)
-        hidden = F.silu(torch.bmm(hk, w.w_gate[chosen])) * torch.bmm(hk, w.w_up[chosen])  # (k, 1, H)
-        y = torch.bmm(hidden, w.w_down[chosen])[:, 0]  # (k, D)
-        slot_weights = torch.where(indices[0] >= 0, weights[0], 0.0).to(h.dtype)  # (k,)
-        out = (slot_weights[:, None] * y).sum(0, keepdim=True)  # (1, D)
+
+    def expert(e):  # (1, D)
+        return (F.silu(h @ w.w_gate[e]) * (h @ w.w_up[e])) @ w.w_down[e]
+
+    out = torch.zeros_like(h)
+    if traced:
+        for slot in range(indices.shape[1]):
+            e = indices[0, slot].clamp_min(0).item()  # a dropped slot (-1) reads expert 0 with weight 0
+            torch._check(e >= 0)
+            torch._check(e < w.w_gate.shape[0])
+            out = out + expert(e) * torch.where(indices[0, slot] >= 0, weights[0, slot], 0.0).to(h.dtype)
     else:
-        out = torch.zeros_like(h)
         for slot, e in enumerate(indices[0].tolist()):
-            if e < 0:  # a slot the router dropped (dynamic threshold / capacity)
-                continue
-            y = (F.silu(h @ w.w_gate[e]) * (h @ w.w_up[e])) @ w.w_down[e]  # (1, D)
-            out += y * weights[0, slot].to(h.dtype)
+            if e >= 0:  # -1: a slot the router dropped (dynamic threshold / capacity)
+                out = out + expert(e) * weights[0, slot].to(h.dtype)
     if ffn.shared is not None:
         shared = ffn.shared(h)
         if ffn.shared_gate is not None:
@@ -129,10 +131,10 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, gather: bool = False) -> torc
 
 
 def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: torch.Tensor,
-              positions: torch.Tensor, cross: dict | None, gather_experts: bool = False) -> torch.Tensor:
+              positions: torch.Tensor, cross: dict | None, traced: bool = False) -> torch.Tensor:
     """tokens (L,) at positions (L,) against per-layer K/V buffers (1, Hkv, C, Dh) -> logits (L, V); writes their
     K/V into the buffers. Shapes never depend on the position (K/V written with index_copy_, attention over the
-    whole buffer under a mask), so with L = 1 and gather_experts this is the graph `compile_decode` compiles.
+    whole buffer under a mask), so with L = 1 and `traced` this is the graph `compile_decode` compiles.
     Hidden states stay 2-D (L, D): every projection is a single mm."""
     L, capacity = tokens.shape[0], keys[0].shape[2]
     x = model.tok_embeddings(tokens)  # (L, D)
@@ -158,7 +160,7 @@ def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tenso
         elif L > 1:
             x = x + block.ffn(h[None])[0][0]
         else:
-            x = x + _moe_one(block.ffn, h, gather=gather_experts)
+            x = x + _moe_one(block.ffn, h, traced=traced)
     return model.lm_head(_norm(model.norm, x))  # (L, V)
 
 
@@ -175,6 +177,17 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
     device = cache.keys[0].device
     args = (model, cache.keys, cache.values, torch.tensor(tokens, device=device),
             torch.arange(pos, pos + L, device=device), cross)
-    logits = compiled_step(*args, gather_experts=True) if compiled_step is not None and L == 1 else solo_step(*args)
+    logits = compiled_step(*args, traced=True) if compiled_step is not None and L == 1 else solo_step(*args)
     cache.length = pos + L
     return logits
+
+
+def compile_solo_step():
+    """torch.compile(solo_step) for single-token steps; expert ids are read inside the graph (.item()), which
+    needs dynamo's capture_scalar_outputs -- set for these calls only, not process-wide."""
+    compiled = torch.compile(solo_step)
+
+    def step(*args, **kwargs):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return compiled(*args, **kwargs)
+    return step
