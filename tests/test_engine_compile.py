@@ -51,5 +51,5 @@ def test_compiled_decode_equals_single_request_greedy():
             for p, n, c in requests]  # one at a time: each request decodes alone, on the compiled step
     refs = [reference(model, p, n, None if c is None else c[None]) for p, n, c in requests]
     assert outs == refs
-    assert counters["stats"]["unique_graphs"] <= 2
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2  # compiled (not fallen back to eager), never per step
     eng.check_no_leaks()

@@ -183,11 +183,13 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
 
 
 def compile_solo_step():
-    """torch.compile(solo_step) for single-token steps; expert ids are read inside the graph (.item()), which
-    needs dynamo's capture_scalar_outputs -- set for these calls only, not process-wide."""
+    """torch.compile(solo_step) for single-token steps, with dynamo settings for these calls only (not
+    process-wide): capture_scalar_outputs, because expert ids are read inside the graph (.item()), and
+    suppress_errors, so a machine where inductor cannot build its kernels (no C++ compiler) logs the failure and
+    decodes eagerly instead of failing the request."""
     compiled = torch.compile(solo_step)
 
     def step(*args, **kwargs):
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True, suppress_errors=True):
             return compiled(*args, **kwargs)
     return step
