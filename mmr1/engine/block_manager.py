@@ -31,6 +31,17 @@ class BlockAllocator:
             self._owner[b] = owner
         return blocks
 
+    def grow(self, owner: int, blocks: list[int], num_tokens: int, block_size: int) -> bool:
+        """Extend `blocks` in place to hold num_tokens, from free memory only (never by preempting anyone); False,
+        taking nothing, when too few blocks are free."""
+        need = blocks_for(num_tokens, block_size) - len(blocks)
+        if need <= 0:
+            return True
+        if not self.can_allocate(need):
+            return False
+        blocks += self.allocate(owner, need)
+        return True
+
     def free(self, owner: int, blocks: list[int]) -> None:
         for b in blocks:
             if self._owner.get(b) != owner:

@@ -225,9 +225,8 @@ class Engine:
         touched = [seq.id] if self._advance(row, logits) else []
         if seq.finished:
             self._solo = None
-        else:  # rejected drafts: their K/V sit past num_cached and are simply overwritten next step
-            solo.length = seq.num_cached
-            solo.synced = min(solo.synced, solo.length)
+        else:
+            solo.truncate(seq.num_cached)
         return touched
 
     def _flush_solo(self) -> None:

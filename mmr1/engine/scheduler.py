@@ -109,13 +109,7 @@ class Scheduler:
 
     def try_reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for speculative tokens: only from free memory, never by preempting someone."""
-        need = blocks_for(num_tokens, self.cfg.block_size) - len(seq.blocks)
-        if need <= 0:
-            return True
-        if not self.allocator.can_allocate(need):
-            return False
-        seq.blocks += self.allocator.allocate(seq.id, need)
-        return True
+        return self.allocator.grow(seq.id, seq.blocks, num_tokens, self.cfg.block_size)
 
     def trim(self, seq: Sequence) -> None:
         """Return blocks beyond what seq's cached tokens (+ the next one) need, e.g. after rejected drafts."""

@@ -76,19 +76,10 @@ class DraftModel:
         self._solo_ok = solo_eligible(model, "model")
         self._solo: SoloCache | None = None
 
-    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        need = blocks_for(num_tokens, self.block_size) - len(seq.draft_blocks)
-        if need <= 0:
-            return True
-        if not self.allocator.can_allocate(need):
-            return False
-        seq.draft_blocks += self.allocator.allocate(seq.id, need)
-        return True
-
     def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
         """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q."""
         live = [i for i, (s, k) in enumerate(zip(seqs, ks))
-                if k > 0 and self._reserve(s, len(s.tokens) + k - 1)]
+                if k > 0 and self.allocator.grow(s.id, s.draft_blocks, len(s.tokens) + k - 1, self.block_size)]
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         feeds = {i: seqs[i].tokens[seqs[i].draft_cached:] for i in live}
@@ -128,9 +119,8 @@ class DraftModel:
     def rollback(self, seq: Sequence, num_valid: int) -> None:
         """Keep only the first num_valid cached draft tokens (the ones that agree with the committed tokens)."""
         seq.draft_cached = min(seq.draft_cached, num_valid)
-        if self._solo is not None and self._solo.seq_id == seq.id:  # rejected drafts' K/V: masked, overwritten
-            self._solo.length = min(self._solo.length, seq.draft_cached)
-            self._solo.synced = min(self._solo.synced, self._solo.length)
+        if self._solo is not None and self._solo.seq_id == seq.id:
+            self._solo.truncate(seq.draft_cached)
         keep = blocks_for(seq.draft_cached + 1, self.block_size)
         if len(seq.draft_blocks) > keep:
             self.allocator.free(seq.id, seq.draft_blocks[keep:])
