@@ -37,9 +37,10 @@ class GatedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (B, L, D); memory: (B, T, D) or precomputed `kv`; memory_mask: (B, T) bool, True = real token.
+        """x: (B, L, D); memory: (B, T, D) or precomputed `kv`; memory_mask: (B, T) bool, True = real token, or
+        (B, L, T) per query (the engine's packed batches, where one row holds several requests' tokens).
 
-        Rows whose sample has no modality token at all get exactly zero output.
+        Queries that see no modality token at all get exactly zero output.
         """
         B, L, _ = x.shape
         k, v = kv if kv is not None else self.memory_kv(memory)  # (B, H, T, Dh)
@@ -47,14 +48,15 @@ class GatedCrossAttention(nn.Module):
         has_memory = None
         attn_mask = None
         if memory_mask is not None:
-            has_memory = memory_mask.any(dim=1)  # (B,)
-            # A sample without modality tokens would softmax over nothing (NaN); let it see token 0 and
+            per_query = memory_mask if memory_mask.dim() == 3 else memory_mask[:, None, :]  # (B, L or 1, T)
+            has_memory = per_query.any(dim=-1)  # (B, L or 1)
+            # A query without modality tokens would softmax over nothing (NaN); let it see token 0 and
             # zero its output below instead.
-            safe_mask = memory_mask.clone()
-            safe_mask[~has_memory, 0] = True
-            attn_mask = safe_mask[:, None, None, :]  # (B, 1, 1, T)
+            safe_mask = per_query.clone()
+            safe_mask[..., 0] |= ~has_memory
+            attn_mask = safe_mask[:, None]  # (B, 1, L or 1, T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
         out = self.wo(out.transpose(1, 2).reshape(B, L, -1))  # -1: H * Dh, the local width under TP
         if has_memory is not None:
-            out = out * has_memory[:, None, None].to(out.dtype)
+            out = out * has_memory[..., None].to(out.dtype)
         return torch.tanh(self.gate).to(out.dtype) * out

@@ -163,6 +163,9 @@ class SelfAttention(nn.Module):
             else:
                 out = self._local_global(q, k, v, attn_mask, cache, key_mask)
             return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+        if getattr(cache, "computes_attention", False):  # the engine's packed batch attends row by row itself
+            out = cache.attend(self.layer_idx, q, k, v)  # (B, H, L, Dh)
+            return self.wo(out.transpose(1, 2).reshape(B, L, -1))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
         dropout_p = self.dropout if self.training else 0.0

@@ -29,6 +29,8 @@ def reference_generate(prompt: list[int], max_new_tokens: int, eos_id: int | Non
 class StubBackbone(R1Model):
     """One layer whose 'keys' are (token id, 1): attention-free sums over the visible cached keys."""
 
+    packed_forward = False  # its forward reads cache.update(): the engine must give it padded batches
+
     def __init__(self, max_seq_len: int = 64):
         super().__init__(R1Config(vocab_size=VOCAB, dim=2, n_layers=1, n_heads=1, n_kv_heads=1, ffn_hidden=2,
                                   cross_attn_heads=1, max_seq_len=max_seq_len))

@@ -202,9 +202,9 @@ def test_batch_one_fast_path_switches_exactly_with_the_paged_path(monkeypatch):
     model = tiny_model()
     cross_states, cross_mask = modality_tokens()
     eng = Engine(model, config=EngineConfig(block_size=4, max_batch=4))
-    paged_calls = []
-    real_forward = engine_module.forward_paged
-    monkeypatch.setattr(engine_module, "forward_paged", lambda *a, **k: paged_calls.append(len(a[2])) or
+    paged_calls = []  # the general path of this all-full-attention model is the packed forward
+    real_forward = engine_module.forward_packed
+    monkeypatch.setattr(engine_module, "forward_packed", lambda *a, **k: paged_calls.append(len(a[2])) or
                         real_forward(*a, **k))
     cs = cross_states[0][cross_mask[0]]
     first = eng.add_request(PROMPTS[2], sampling=SamplingParams(max_new_tokens=20), cross_states=cs)

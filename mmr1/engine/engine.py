@@ -24,7 +24,8 @@ from mmr1.backbone import R1Model
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool
-from mmr1.engine.runner import cross_kv_for, encode_inline, forward_paged, fuse_one
+from mmr1.engine.packed import packable
+from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forward_paged, fuse_one
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status
 from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
@@ -86,6 +87,8 @@ class Engine:
                                                    max_batch=self.cfg.encoder_max_batch)
         # Batch-1 fast path (mmr1.engine.solo): a lone running request keeps a contiguous K/V copy.
         self._solo_ok = solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
+        # One forward per step over all rows (mmr1/engine/packed.py); a backbone may opt out (packed_forward = False).
+        self._packed = packable(self.backbone.cfg) and getattr(self.backbone, "packed_forward", True)
         self._solo: SoloCache | None = None
         self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
         self._seqs: dict[int, Sequence] = {}
@@ -201,6 +204,8 @@ class Engine:
                 self.stats["steps"] += 1
                 return self._solo_step(rows[0])
             self._flush_solo()  # the general path reads the pool: it must hold every cached token
+            if self._packed:
+                return self._packed_step(rows)
             # Rows are right-padded to the longest feed of their forward, so decode rows (1 token, + drafts) run
             # together and each prefill chunk runs on its own: a decode row never pays for a 256-token chunk.
             groups = [[r for r in rows if r.num_new == 1]] + [[r] for r in rows if r.num_new > 1]
@@ -214,6 +219,15 @@ class Engine:
                         touched.append(row.seq.id)
             self.stats["steps"] += 1
             return touched
+
+    def _packed_step(self, rows: list[ScheduledRow]) -> list[int]:
+        """Every row's tokens in one packed forward: the weights are read once per step, nothing is padded."""
+        per_row = forward_packed(self.backbone, self.pool, [self._feed(r) for r in rows],
+                                 [r.seq.num_cached for r in rows], [r.seq.blocks for r in rows],
+                                 [r.seq.cross_kv for r in rows])
+        touched = [row.seq.id for row, logits in zip(rows, per_row) if self._advance(row, logits)]
+        self.stats["steps"] += 1
+        return touched
 
     def _solo_step(self, row: ScheduledRow) -> list[int]:
         seq = row.seq

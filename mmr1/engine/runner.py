@@ -7,6 +7,7 @@ import torch
 
 from fusion.queues import EncodedInput
 from mmr1.backbone import R1Model
+from mmr1.engine.packed import PackedBatch
 from mmr1.engine.paged_cache import PagedBatch, PagedKVPool
 
 
@@ -23,6 +24,19 @@ def forward_paged(model: R1Model, pool: PagedKVPool, feeds: list[list[int]], cac
     input_ids = input_ids.to(device)
     positions = view.position_ids(model.cfg.max_seq_len - 1)
     return model(input_ids, attention_mask=view.new_mask, position_ids=positions, cache=view).logits
+
+
+@torch.inference_mode()
+def forward_packed(model: R1Model, pool: PagedKVPool, feeds: list[list[int]], cached: list[int],
+                   tables: list[list[int]], cross: list[dict | None] | None = None) -> list[torch.Tensor]:
+    """The same as forward_paged for every row in ONE packed sequence (mmr1.engine.packed): returns each row's
+    logits (len(feeds[i]), V)."""
+    device = pool.keys[0].device
+    view = PackedBatch(pool, tables, cached, [len(f) for f in feeds], cross, device)
+    input_ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=device)[None]  # (1, N)
+    positions = view.position_ids(model.cfg.max_seq_len - 1)
+    logits = model(input_ids, position_ids=positions, cache=view).logits[0]  # (N, V)
+    return [logits[o:o + len(f)] for o, f in zip(view.offsets, feeds)]
 
 
 @torch.inference_mode()

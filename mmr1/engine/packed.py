@@ -1,0 +1,136 @@
+"""Packed forwards: every scheduled row's new tokens in ONE sequence (1, N), as vLLM flattens its batches.
+
+The token-wise work -- embeddings, projections, MLP/MoE, the output head -- runs once over all N tokens, so a
+step that decodes 15 rows and prefills a 40-token chunk reads the weights once instead of once per group, and no
+row is padded to another's length. Only attention needs rows, and the view does it itself (`attend`): short rows
+(decode, speculative verification) are batched with their queries padded, each long row (a prefill chunk) runs
+on its own; K/V are written to and read from the paged pool as in `PagedBatch`.
+
+Used for models whose self-attention layers are all full causal without ALiBi (the engine falls back to padded
+groups otherwise). Cross-attention K/V of the rows are concatenated with a per-query mask, so image/audio rows
+pack with text rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmr1.config import R1Config
+from mmr1.engine.paged_cache import PagedKVPool
+
+SHORT_ROW = 16  # rows feeding at most this many tokens share one padded attention call
+
+
+def packable(cfg: R1Config) -> bool:
+    return all(kind == "full" for kind in cfg.layer_kinds()) and not cfg.alibi_global and cfg.global_tokens is None
+
+
+class _AttentionGroup:
+    """Rows attended together: query index (G, Lg) into the packed tokens, key slots (G, Sg), mask (G, 1, Lg, Sg)."""
+
+    def __init__(self, rows: list[int], offsets: list[int], cached: list[int], new: list[int], tables: torch.Tensor,
+                 block_size: int):
+        G = len(rows)
+        Lg = max(new[r] for r in rows)
+        Sg = max(cached[r] + new[r] for r in rows)
+        j = torch.arange(Lg)
+        off = torch.tensor([offsets[r] for r in rows])[:, None]
+        n = torch.tensor([new[r] for r in rows])[:, None]
+        c = torch.tensor([cached[r] for r in rows])[:, None]
+        self.real = j[None, :] < n  # (G, Lg)
+        self.query_index = torch.where(self.real, off + j[None, :], off)  # padding repeats the row's first token
+        key_pos = torch.arange(Sg)[None, :]  # (1, Sg)
+        held = (key_pos < c + n)  # (G, Sg): real keys; padding reads slot 0 (masked)
+        pos = torch.where(held, key_pos, 0)
+        row_tables = tables[torch.tensor(rows)]
+        self.slots = torch.where(held, row_tables.gather(1, pos // block_size) * block_size + pos % block_size, 0)
+        query_pos = torch.where(self.real, c + j[None, :], c)  # (G, Lg) position of each query
+        causal = key_pos[:, None, :] <= query_pos[:, :, None]  # (G, Lg, Sg)
+        self.mask = (causal & held[:, None, :]).unsqueeze(1)  # (G, 1, Lg, Sg); every query sees key 0 at least
+        self.rows = rows
+
+
+class PackedBatch:
+    """One forward's view of the pool for rows packed into a single sequence: row i continues its `cached[i]`
+    tokens with `new[i]` tokens, laid out one row after another (N = sum(new) tokens)."""
+
+    computes_attention = True  # SelfAttention hands q, k, v to `attend` instead of running SDPA itself
+
+    def __init__(self, pool: PagedKVPool, block_tables: list[list[int]], cached: list[int], new: list[int],
+                 cross: list[dict[int, tuple[torch.Tensor, torch.Tensor]] | None] | None = None,
+                 device: torch.device | str = "cpu"):
+        self.pool = pool
+        self.batch_size = 1
+        self.num_tokens = sum(new)
+        # R1Model checks length + N <= max_seq_len: make that check each row's real extent.
+        self.length = max(c + n for c, n in zip(cached, new)) - self.num_tokens
+        bs = pool.block_size
+        width = max(1, max(len(t) for t in block_tables))
+        tables = torch.zeros(len(block_tables), width, dtype=torch.long)
+        for i, t in enumerate(block_tables):
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        offsets = [0]
+        for n in new[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.offsets, self.new = offsets, new
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new)])  # (N,)
+        self.positions = positions
+        row_of = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(new))  # (N,)
+        self.slots = (tables[row_of, positions // bs] * bs + positions % bs).to(device)  # (N,) write slots
+        short = [i for i, n in enumerate(new) if n <= SHORT_ROW]
+        groups = ([short] if short else []) + [[i] for i, n in enumerate(new) if n > SHORT_ROW]
+        self.groups = [_AttentionGroup(g, offsets, cached, new, tables, bs) for g in groups]
+        for g in self.groups:
+            for name in ("real", "query_index", "slots", "mask"):
+                setattr(g, name, getattr(g, name).to(device))
+        self._row_of = row_of.to(device)
+        self._cross = cross or [None] * len(new)
+        self._cross_packed: dict[int, tuple | None] = {}
+
+    def position_ids(self, max_pos: int) -> torch.Tensor:
+        return self.positions.clamp(max=max_pos)[None].to(self.slots.device)  # (1, N)
+
+    def append_mask(self, new_mask: torch.Tensor) -> None:
+        return None  # no padding anywhere; attention masks are per group (attend)
+
+    def advance(self, n: int) -> None:
+        """Lengths live with the sequences (the engine advances them after the forward)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        raise RuntimeError("PackedBatch: attention runs in attend(); update() serves padded batches only")
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, N, Dh), k/v (1, Hkv, N, Dh) of the packed tokens -> attention output (1, H, N, Dh): the new K/V
+        are written to the pool, then each group's queries attend causally to their rows' cached + new keys."""
+        self.pool.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        out = torch.empty_like(q)
+        for g in self.groups:
+            keys, values = self.pool.gather(layer, g.slots)  # (G, Hkv, Sg, Dh)
+            qg = q[0][:, g.query_index].transpose(0, 1)  # (G, H, Lg, Dh)
+            og = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask,
+                                                enable_gqa=True)
+            out[0][:, g.query_index[g.real]] = og.transpose(0, 1)[:, g.real]
+        return out
+
+    def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:
+        raise RuntimeError("PackedBatch: cross-attention K/V are computed at admission, not inside the forward")
+
+    def get_cross(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The rows' modality K/V for `layer` concatenated, (1, H, T, Dh), with a per-query mask (1, N, T): a token
+        sees only its own row's modality tokens. None when no row has any."""
+        if layer in self._cross_packed:
+            return self._cross_packed[layer]
+        per_row = [c.get(layer) if c else None for c in self._cross]
+        result = None
+        if any(kv is not None for kv in per_row):
+            ks, vs, owner = [], [], []
+            for i, kv in enumerate(per_row):
+                if kv is not None:
+                    ks.append(kv[0][0])
+                    vs.append(kv[1][0])
+                    owner += [i] * kv[0].shape[2]
+            owner_t = torch.tensor(owner, device=self._row_of.device)
+            mask = (self._row_of[:, None] == owner_t[None, :])[None]  # (1, N, T)
+            result = (torch.cat(ks, dim=1)[None], torch.cat(vs, dim=1)[None], mask)
+        self._cross_packed[layer] = result
+        return result
