@@ -30,7 +30,6 @@ class _AttentionGroup:
 
     def __init__(self, rows: list[int], offsets: list[int], cached: list[int], new: list[int], tables: torch.Tensor,
                  block_size: int):
-        G = len(rows)
         Lg = max(new[r] for r in rows)
         Sg = max(cached[r] + new[r] for r in rows)
         j = torch.arange(Lg)
