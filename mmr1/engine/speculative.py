@@ -17,7 +17,8 @@ from mmr1.backbone import R1Model
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool
-from mmr1.engine.runner import forward_paged
+from mmr1.engine.packed import packable
+from mmr1.engine.runner import forward_packed, forward_paged
 from mmr1.engine.sampling import processed_probs, sample_row
 from mmr1.engine.sequence import Sequence
 from mmr1.engine.solo import SoloCache, solo_eligible, solo_forward
@@ -75,6 +76,8 @@ class DraftModel:
         self.pool = PagedKVPool.for_model(model.cfg, num_blocks, block_size, dtype, "model", device)
         self._solo_ok = solo_eligible(model, "model")
         self._solo: SoloCache | None = None
+        # Rows catch up different numbers of tokens (a new request: its whole prompt): pack them when possible.
+        self._packed = packable(model.cfg) and getattr(model, "packed_forward", True)
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
         """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q."""
@@ -91,14 +94,15 @@ class DraftModel:
             if solo is not None:
                 seq = seqs[rows[0]]
                 logits = solo_forward(self.model, solo, feeds[rows[0]], seq.draft_cross_kv)[None]  # (1, L, V)
-            else:
-                logits = forward_paged(self.model, self.pool, [feeds[i] for i in rows],
-                                       [seqs[i].draft_cached for i in rows], [seqs[i].draft_blocks for i in rows],
-                                       [seqs[i].draft_cross_kv for i in rows])
+            else:  # (B, L, V) padded or a list of (L_i, V): row r's logits are logits[r] either way
+                forward = forward_packed if self._packed else forward_paged
+                logits = forward(self.model, self.pool, [feeds[i] for i in rows],
+                                 [seqs[i].draft_cached for i in rows], [seqs[i].draft_blocks for i in rows],
+                                 [seqs[i].draft_cross_kv for i in rows])
             for r, i in enumerate(rows):
                 seq = seqs[i]
                 seq.draft_cached += len(feeds[i])
-                last = logits[r, len(feeds[i]) - 1]
+                last = logits[r][len(feeds[i]) - 1]
                 q = processed_probs(last, seq.params, seq.tokens + drafts[i])
                 token = int(q.argmax()) if seq.params.greedy else int(torch.multinomial(q, 1, generator=seq.generator))
                 drafts[i].append(token)
