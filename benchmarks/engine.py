@@ -68,6 +68,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| 2 | latency P50 / P99, s | {c['continuous']['p50_latency_s']:.1f} / "
                      f"{c['continuous']['p99_latency_s']:.1f} | {c['static']['p50_latency_s']:.1f} / "
                      f"{c['static']['p99_latency_s']:.1f} | | |")
+        lines.append(f"| 2 | continuous, packed steps vs padded groups (same engine otherwise) | "
+                     f"{c['continuous']['tok_s']:.0f} | {c['continuous_padded_groups']['tok_s']:.0f} | "
+                     f"{c['packed_gain']:.2f}x | |")
         pad = c.get("padded_static")
         if pad is None:
             continue

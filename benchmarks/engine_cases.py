@@ -169,6 +169,10 @@ def continuous_vs_static(n_requests: int, max_batch: int, shape: str = "lognorma
         engine = Engine(model, config=EngineConfig(max_batch=max_batch, scheduling=mode))
         res[mode] = run_offline(engine, work)
     res["throughput_ratio"] = res["continuous"]["tok_s"] / res["static"]["tok_s"]
+    # The same continuous run with padded groups instead of packed steps: what packing is worth here.
+    res["continuous_padded_groups"] = run_offline(
+        Engine(model, config=EngineConfig(max_batch=max_batch, packed_steps=False)), work)
+    res["packed_gain"] = res["continuous"]["tok_s"] / res["continuous_padded_groups"]["tok_s"]
     if not weight_bound:
         res["padded_static"] = padded_static_batches(model, work, max_batch)
         res["throughput_ratio_vs_padded"] = res["continuous"]["tok_s"] / res["padded_static"]["tok_s"]

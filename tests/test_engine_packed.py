@@ -69,8 +69,8 @@ def test_engine_runs_one_forward_per_step_and_equals_padded_engine(monkeypatch):
     eng = Engine(model, config=EngineConfig(block_size=4, max_batch=4, prefill_chunk=8))
     packed = [o.token_ids for o in eng.generate([{"prompt": p, "sampling": s} for p, s in zip(prompts, params)])]
     assert eng._packed and max(calls) == 4 and len(calls) <= eng.stats["steps"]  # at most one forward a step
-    unpacked = Engine(model, config=EngineConfig(block_size=4, max_batch=4, prefill_chunk=8))
-    unpacked._packed = False  # the padded-group path as the reference
+    unpacked = Engine(model, config=EngineConfig(block_size=4, max_batch=4, prefill_chunk=8, packed_steps=False))
+    assert not unpacked._packed  # the padded-group path as the reference
     ref = [o.token_ids for o in unpacked.generate([{"prompt": p, "sampling": s} for p, s in zip(prompts, params)])]
     assert packed == ref
     eng.check_no_leaks()

@@ -76,6 +76,9 @@ class EngineConfig:
     # torch.compile the batch-1 decode step (gpt-fast style; full-attention models in model-dtype KV). The first
     # decode step compiles (seconds to tens of seconds on CPU); later ones run the fused graph.
     compile_decode: bool = False
+    # One forward per step over every row's tokens packed end to end (mmr1/engine/packed.py) where the model allows
+    # it (all self-attention layers full causal); False runs padded groups, the path sliding/hybrid models take.
+    packed_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("model", "int8"):
