@@ -2,6 +2,7 @@
 attention over the whole contiguous buffer) gives the same tokens as the eager paths."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -53,3 +54,38 @@ def test_compiled_decode_equals_single_request_greedy():
     assert outs == refs
     assert 1 <= counters["stats"]["unique_graphs"] <= 2  # compiled (not fallen back to eager), never per step
     eng.check_no_leaks()
+
+
+@pytest.mark.parametrize("variant", [
+    {},  # softmax, top-2, one shared expert
+    {"score_func": "sigmoid", "aux_free_bias": True, "shared_expert_gate": True, "route_scale": 2.5},
+    {"dynamic_threshold": 0.5, "min_k": 1, "max_k": 3, "num_shared_experts": 0},  # dropped slots (-1)
+])
+def test_few_token_moe_equals_the_layer(variant):
+    """The fast path's MoE for a few tokens (a verification, a short chunk: route together, each chosen expert once
+    on its tokens) == MoEFeedForward's own forward, for L = 1..8; which L take it follows the expert-call budget."""
+    from mmr1.config import MoEConfig
+    from mmr1.engine.solo import _moe_few, few_tokens_path
+    from mmr1.moe import MoEFeedForward
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, num_groups=4, topk_groups=2, top_k=2, expert_hidden=16, **variant)
+    layer = MoEFeedForward(32, cfg).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+        if cfg.aux_free_bias:
+            layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    for L in range(1, 9):
+        h = torch.randn(L, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(_moe_few(layer, h), layer(h[None])[0][0], atol=1e-6, rtol=1e-5)
+    assert few_tokens_path(layer, 8)  # 8 experts: never more than 8 expert calls
+    big = MoEFeedForward(32, MoEConfig(num_experts=128, num_groups=16, topk_groups=4, top_k=2, expert_hidden=16))
+    assert few_tokens_path(big, 5) and not few_tokens_path(big, 6)  # 10 calls at most, then the grouped layer
+
+
+def test_few_token_benchmark_quick_run(tmp_path):
+    from benchmarks.moe_few_tokens import main
+    result = main(["--quick", "--out", str(tmp_path / "few")])  # asserts parity with the module before timing
+    assert len(result["rows"]) == 8 and all(r["few_us"] > 0 for r in result["rows"])
+    assert (tmp_path / "few.json").is_file() and "speed-up" in (tmp_path / "few.md").read_text()

@@ -92,7 +92,7 @@ def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _route_one(router: Router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router.forward's expert choice for one token (1, D) -> weights, indices (1, k), without its training
+    """Router.forward's expert choice for a few tokens (L, D) -> weights, indices (L, k), without its training
     statistics (balance losses, z-loss, entropy: a dozen small ops per layer that decoding throws away)."""
     cfg = router.cfg
     if cfg.capacity_factor is not None:  # capacity can drop slots: keep the module's exact rule
@@ -127,12 +127,50 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, traced: bool = False) -> torc
         for slot, e in enumerate(indices[0].tolist()):
             if e >= 0:  # -1: a slot the router dropped (dynamic threshold / capacity)
                 out = out + expert(e) * weights[0, slot].to(h.dtype)
-    if ffn.shared is not None:
-        shared = ffn.shared(h)
-        if ffn.shared_gate is not None:
-            shared = torch.sigmoid(ffn.shared_gate(h)) * shared
-        out = out + shared
-    return out
+    return out + _shared(ffn, h)
+
+
+# _moe_few runs one small matmul chain per chosen expert, the layer a fixed cost plus grouped GEMMs; on this CPU
+# (benchmarks/results/moe_few_tokens.md, fp32) the chains win up to about 10 expert calls per layer.
+FEW_EXPERT_CALLS = 10
+
+
+def few_tokens_path(ffn: MoEFeedForward, num_tokens: int) -> bool:
+    """Whether num_tokens (> 1) tokens take _moe_few: at most FEW_EXPERT_CALLS expert calls, dropless routing
+    (capacity drops depend on the whole batch, so they keep the module's own rule)."""
+    cfg = ffn.router.cfg
+    return cfg.capacity_factor is None and min(num_tokens * cfg.slots_per_token, cfg.num_experts) <= FEW_EXPERT_CALLS
+
+
+def _moe_few(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
+    """A few tokens h (L, D) through an MoE layer -> (L, D), eagerly: route them together, then run each chosen
+    expert once on the tokens that chose it (views of its weights; at most L * k experts), weighted and added in
+    place -- the general layer's statistics, sort and grouped GEMMs cost more than that at this size."""
+    weights, indices = _route_one(ffn.router, h)  # (L, k)
+    w = ffn.experts
+    users: dict[int, tuple[list[int], list[int]]] = {}
+    for token, row in enumerate(indices.tolist()):
+        for slot, e in enumerate(row):
+            if e >= 0:  # -1: a slot the router dropped (dynamic threshold)
+                users.setdefault(e, ([], []))[0].append(token)
+                users[e][1].append(slot)
+    out = torch.zeros_like(h)
+    for e, (tokens, slots) in users.items():
+        rows = torch.tensor(tokens, device=h.device)
+        hr = h.index_select(0, rows)  # (n, D)
+        y = (F.silu(hr @ w.w_gate[e]) * (hr @ w.w_up[e])) @ w.w_down[e]  # (n, D)
+        out.index_add_(0, rows, y * weights[rows, torch.tensor(slots, device=h.device)][:, None].to(h.dtype))
+    return out + _shared(ffn, h)
+
+
+def _shared(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor | float:
+    """The shared experts' output for h (..., D) (gated if the layer has a shared gate); 0 without any."""
+    if ffn.shared is None:
+        return 0.0
+    shared = ffn.shared(h)
+    if ffn.shared_gate is not None:
+        shared = torch.sigmoid(ffn.shared_gate(h)) * shared
+    return shared
 
 
 def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: torch.Tensor,
@@ -162,10 +200,12 @@ def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tenso
         h = _norm(block.ffn_norm, x)
         if not isinstance(block.ffn, MoEFeedForward):
             x = x + block.ffn(h)
-        elif L > 1:
-            x = x + block.ffn(h[None])[0][0]
-        else:
+        elif L == 1:
             x = x + _moe_one(block.ffn, h, traced=traced)
+        elif few_tokens_path(block.ffn, L):
+            x = x + _moe_few(block.ffn, h)
+        else:
+            x = x + block.ffn(h[None])[0][0]
     return model.lm_head(_norm(model.norm, x))  # (L, V)
 
 
