@@ -34,7 +34,7 @@ def run(forward, model, kv_dtype: str, seqs, cross):
 @pytest.mark.parametrize("kv_dtype", ["model", "int8"])
 def test_packed_forward_equals_padded_groups(kv_dtype):
     model = tiny_model()  # MoE feed-forward, cross-attention in layer 1
-    assert packable(model.cfg) and max(max(s) for s in SCHEDULE) > SHORT_ROW
+    assert packable(model) and max(max(s) for s in SCHEDULE) > SHORT_ROW
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 64, (sum(s[i] for s in SCHEDULE),), generator=g).tolist() for i in range(4)]
     memories = [torch.randn(1, t, 32, generator=g) for t in (5, 3)]
@@ -81,5 +81,5 @@ def test_sliding_window_models_keep_the_padded_path():
     from mmr1.config import R1Config
     cfg = R1Config(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=40,
                    layer_attention=["sliding", "full"], window=4)
-    assert not packable(cfg)
+    assert not packable(R1Model(cfg))
     assert not Engine(R1Model(cfg)).__dict__["_packed"]

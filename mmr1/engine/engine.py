@@ -87,9 +87,7 @@ class Engine:
                                                    max_batch=self.cfg.encoder_max_batch)
         # Batch-1 fast path (mmr1.engine.solo): a lone running request keeps a contiguous K/V copy.
         self._solo_ok = solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
-        # One forward per step over all rows (mmr1/engine/packed.py); a backbone may opt out (packed_forward = False).
-        self._packed = (self.cfg.packed_steps and packable(self.backbone.cfg)
-                        and getattr(self.backbone, "packed_forward", True))
+        self._packed = self.cfg.packed_steps and packable(self.backbone)  # one forward per step (engine/packed.py)
         self._solo: SoloCache | None = None
         self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
         self._seqs: dict[int, Sequence] = {}

@@ -12,17 +12,23 @@ pack with text rows.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-from mmr1.config import R1Config
-from mmr1.engine.paged_cache import PagedKVPool
+from mmr1.backbone import R1Model
+from mmr1.engine.paged_cache import PagedKVPool, block_table_tensor
 
 SHORT_ROW = 16  # rows feeding at most this many tokens share one padded attention call
 
 
-def packable(cfg: R1Config) -> bool:
-    return all(kind == "full" for kind in cfg.layer_kinds()) and not cfg.alibi_global and cfg.global_tokens is None
+def packable(model: R1Model) -> bool:
+    """Whether `model` can run packed forwards: every self-attention layer full causal without ALiBi, and a
+    backbone that has not opted out (`packed_forward = False`, e.g. a test stub whose forward reads cache.update)."""
+    cfg = model.cfg
+    return (all(kind == "full" for kind in cfg.layer_kinds()) and not cfg.alibi_global and cfg.global_tokens is None
+            and getattr(model, "packed_forward", True))
 
 
 class _AttentionGroup:
@@ -46,7 +52,6 @@ class _AttentionGroup:
         query_pos = torch.where(self.real, c + j[None, :], c)  # (G, Lg) position of each query
         causal = key_pos[:, None, :] <= query_pos[:, :, None]  # (G, Lg, Sg)
         self.mask = (causal & held[:, None, :]).unsqueeze(1)  # (G, 1, Lg, Sg); every query sees key 0 at least
-        self.rows = rows
 
 
 class PackedBatch:
@@ -60,18 +65,11 @@ class PackedBatch:
                  device: torch.device | str = "cpu"):
         self.pool = pool
         self.batch_size = 1
-        self.num_tokens = sum(new)
         # R1Model checks length + N <= max_seq_len: make that check each row's real extent.
-        self.length = max(c + n for c, n in zip(cached, new)) - self.num_tokens
+        self.length = max(c + n for c, n in zip(cached, new)) - sum(new)
         bs = pool.block_size
-        width = max(1, max(len(t) for t in block_tables))
-        tables = torch.zeros(len(block_tables), width, dtype=torch.long)
-        for i, t in enumerate(block_tables):
-            tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        offsets = [0]
-        for n in new[:-1]:
-            offsets.append(offsets[-1] + n)
-        self.offsets, self.new = offsets, new
+        tables = block_table_tensor(block_tables)
+        self.offsets = offsets = [0, *itertools.accumulate(new)][:-1]  # row i's first token in the packed sequence
         positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new)])  # (N,)
         self.positions = positions
         row_of = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(new))  # (N,)

@@ -105,6 +105,14 @@ class PagedKVPool:
         return out[0], out[1]
 
 
+def block_table_tensor(block_tables: list[list[int]]) -> torch.Tensor:
+    """Rows' block tables -> (B, max blocks) long; short rows are padded with block 0 (their masks hide it)."""
+    tables = torch.zeros(len(block_tables), max(1, max(len(t) for t in block_tables)), dtype=torch.long)
+    for i, t in enumerate(block_tables):
+        tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    return tables
+
+
 class PagedBatch:
     """One forward's view of the pool: row i has `cached[i]` tokens in its blocks and feeds `new[i]` tokens
     (right-padded to L = max new). Cross-attention K/V come from each row's own per-request store."""
@@ -117,11 +125,7 @@ class PagedBatch:
         self.cached_len = max(cached)  # C
         self.new_len = max(new)  # L
         bs = pool.block_size
-        width = max(1, max(len(t) for t in block_tables))
-        tables = torch.zeros(self.batch_size, width, dtype=torch.long)  # padding points at block 0, masked anyway
-        for i, t in enumerate(block_tables):
-            tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        self.tables = tables.to(device)
+        self.tables = block_table_tensor(block_tables).to(device)
         cached_t = torch.tensor(cached, device=device)
         new_t = torch.tensor(new, device=device)
         C = self.cached_len

@@ -77,7 +77,7 @@ class DraftModel:
         self._solo_ok = solo_eligible(model, "model")
         self._solo: SoloCache | None = None
         # Rows catch up different numbers of tokens (a new request: its whole prompt): pack them when possible.
-        self._packed = packable(model.cfg) and getattr(model, "packed_forward", True)
+        self._packed = packable(model)
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
         """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q."""
