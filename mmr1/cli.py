@@ -5,6 +5,7 @@
     mmr1 export --checkpoint last.ckpt --output runs/demo/export # Lightning checkpoint -> from_pretrained dir
                 [--merge-lora]                                   #   (file or sharded dir; LoRA merged)
     mmr1 evaluate --model runs/demo/export --manifest data/demo/test.jsonl
+    mmr1 ask --model runs/demo/export "What color is the shape?" --image x.png  # QA from the shell
 """
 from __future__ import annotations
 
@@ -14,20 +15,45 @@ from typing import Sequence
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
+USAGE = """usage: mmr1 <command> [options]
+
+training (Lightning's CLI: every Trainer, model and data flag; `mmr1 fit --help` lists them)
+  fit        train:      mmr1 fit --config configs/demo.yaml
+  validate   evaluate a checkpoint on the validation set (--ckpt_path)
+  test       evaluate a checkpoint on the test set (--ckpt_path)
+  predict    run the model over a data set (--ckpt_path)
+
+models and data
+  data       mmr1 data synth --out data/demo     synthetic PNG/WAV question data, manifests, tokenizer
+  export     mmr1 export --checkpoint last.ckpt --output DIR     -> config.json, model.safetensors, tokenizer.json
+  evaluate   mmr1 evaluate --model DIR --manifest test.jsonl     held-out accuracy per question type
+  ask        mmr1 ask --model DIR "What color is the shape?" --image x.png [--audio y.wav]
+
+`mmr1 <command> --help` describes a command; `mmr1 --version` prints the version."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
-    if command == "data":
-        return data_main(argv[1:])
-    if command == "export":
-        return export_main(argv[1:])
-    if command == "evaluate":
-        return evaluate_main(argv[1:])
-    return lightning_main(argv)
+    if command in ("", "-h", "--help"):
+        print(USAGE)
+        return 0
+    if command == "--version":
+        from mmr1 import __version__
+
+        print(f"mmr1 {__version__}")
+        return 0
+    commands = {"data": data_main, "export": export_main, "evaluate": evaluate_main, "ask": ask_main}
+    if command in commands:
+        return commands[command](argv[1:])
+    if command not in LIGHTNING_COMMANDS and not command.startswith("-"):
+        print(f"mmr1: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return lightning_main(argv, from_console)
 
 
-def lightning_main(argv: list[str]) -> int:
+def lightning_main(argv: list[str], from_console: bool = False) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     from data_pipelines.datamodule import MultimodalDataModule
@@ -35,8 +61,9 @@ def lightning_main(argv: list[str]) -> int:
 
     # Checkpoints are written atomically unless the YAML names other plug-ins (see mmr1.checkpoint).
     defaults = {"plugins": [{"class_path": "mmr1.checkpoint.AtomicCheckpointIO"}]}
-    LightningCLI(MMR1LightningModule, MultimodalDataModule, args=argv, auto_configure_optimizers=False,
-                 parser_kwargs={"prog": "mmr1"}, trainer_defaults=defaults)
+    # From the console LightningCLI reads sys.argv itself (given both, it warns that they may disagree).
+    LightningCLI(MMR1LightningModule, MultimodalDataModule, args=None if from_console else argv,
+                 auto_configure_optimizers=False, parser_kwargs={"prog": "mmr1"}, trainer_defaults=defaults)
     return 0
 
 
@@ -90,6 +117,50 @@ def evaluate_main(argv: list[str]) -> int:
 
     report = evaluate_manifest(args.model, args.manifest, batch_size=args.batch_size, output=args.output)
     print(format_report(report))
+    return 0
+
+
+def ask_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmr1 ask", description="Answer a question about an image and/or audio")
+    parser.add_argument("question", help='the question, quoted: "What color is the shape?"')
+    parser.add_argument("--model", required=True, help="exported model directory (mmr1 export)")
+    parser.add_argument("--image", help="image file (PNG, JPEG, ...)")
+    parser.add_argument("--audio", help="audio file (WAV, FLAC, ...; any rate and channel count)")
+    parser.add_argument("--input", action="append", default=[], metavar="KEY=PATH",
+                        help="a plug-in modality's file, e.g. depth=scene.npy (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+    inputs = {"image": args.image, "audio": args.audio}
+    for item in args.input:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            parser.error(f"--input expects KEY=PATH, got {item!r}")
+        inputs[key] = path
+    inputs = {key: path for key, path in inputs.items() if path is not None}
+
+    from mmr1.pipeline import InputError, Pipeline
+
+    try:
+        qa = Pipeline.from_pretrained(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mmr1 ask: {err}", file=sys.stderr)
+        return 2
+    try:
+        unknown = sorted(set(inputs) - set(qa.model.modalities))
+        if unknown:
+            parser.error(f"{args.model} takes {qa.model.modalities}, not {unknown}")
+        answer = qa(args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, **inputs)
+    except (InputError, ValueError) as err:
+        print(f"mmr1 ask: {err}", file=sys.stderr)
+        return 2
+    finally:
+        qa.close()
+    print(answer)
     return 0
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from data_pipelines.errors import InputError
 from data_pipelines.synth import synthesize
 from e2e_utils import tiny_demo_config
+from mmr1 import __version__
 from mmr1.checkpoint import export_checkpoint, model_from_checkpoint, read_checkpoint
 from mmr1.cli import main
 from mmr1.model import MultimodalR1
@@ -118,3 +119,38 @@ def test_validate_test_and_predict_subcommands(trained, capsys):
     assert "test/answer_acc" in out and "val/answer_acc" in out
     assert main(["predict", "--config", str(config), "--ckpt_path", ckpt,
                  "--data.predict_manifest", str(data / "test.jsonl")]) == 0
+
+
+def test_ask_command_answers_like_the_pipeline(trained, tmp_path, capsys):
+    tmp, data, _ = trained
+    out = tmp_path / "export"
+    export_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt", out)
+    image, wav = sorted((data / "images").glob("*.png"))[0], sorted((data / "audio").glob("*.wav"))[0]
+    qa = Pipeline.from_pretrained(out)
+    try:
+        expected = qa("Are there as many shapes as beeps?", image=str(image), audio=str(wav), max_new_tokens=4)
+    finally:
+        qa.close()
+    capsys.readouterr()
+    assert main(["ask", "--model", str(out), "Are there as many shapes as beeps?", "--image", str(image),
+                 "--audio", str(wav), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    # bad input: a clear message and exit status 2, no traceback
+    assert main(["ask", "--model", str(out), "q", "--image", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png: image file not found" in capsys.readouterr().err
+    assert main(["ask", "--model", str(tmp_path / "nowhere"), "q"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ask", "--model", str(out), "q", "--input", "depth=x.npy"])
+    assert "takes ['image', 'audio'], not ['depth']" in capsys.readouterr().err
+
+
+def test_top_level_help_version_and_unknown_command(capsys):
+    assert main([]) == 0 and main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "data", "export", "evaluate", "ask"):
+        assert f"\n  {command} " in usage
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"mmr1 {__version__}\n"
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err

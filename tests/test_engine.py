@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+from data_pipelines import InputError
+
 from mmr1.engine import Engine, EngineConfig, SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool, dequantize_int8, quantize_int8
 from engine_stub import paged_logits
@@ -93,6 +95,25 @@ def test_image_audio_text_mix_equals_single_request_greedy(async_encoding):
     assert refs[0] != refs[1] != refs[2]  # the modalities matter
     eng.check_no_leaks()
     eng.close()
+
+
+def test_missing_file_is_refused_at_add_request(tmp_path):
+    """A path that isn't a file fails in add_request, naming modality and file, before any worker sees it."""
+    eng = Engine(multimodal_model(), config=EngineConfig(**SMALL))
+    try:
+        with pytest.raises(InputError, match=r"batch item 2, file .*nope\.wav: audio file not found"):
+            eng.add_request([1, 3, 4], audio=str(tmp_path / "nope.wav"), input_item=2)
+        assert not eng.has_unfinished()
+        batch = [{"prompt": [1, 3, 4], "image": raw_inputs(0)["image"]}, {"prompt": [1, 4], "audio": "gone.wav"}]
+        with pytest.raises(InputError, match=r"batch item 1, file gone\.wav"):
+            eng.generate(batch, SamplingParams(max_new_tokens=2))
+        assert not eng.has_unfinished() and not eng._seqs  # the batch's first request was withdrawn too
+        rid = eng.add_request([1, 3, 4], image=raw_inputs(0)["image"], sampling=SamplingParams(max_new_tokens=2))
+        drain(eng)
+        assert len(eng.output(rid).token_ids) == 2
+        eng.check_no_leaks()
+    finally:
+        eng.close()
 
 
 def test_paged_cache_equals_contiguous_cache():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -19,6 +20,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 
+from data_pipelines.errors import InputError
 from fusion.queues import ModalityQueues
 from mmr1.backbone import R1Model
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
@@ -108,6 +110,9 @@ class Engine:
         unknown = sorted(set(inputs) - set(modalities))
         if unknown:
             raise TypeError(f"Engine.add_request: unknown input(s) {unknown}; this model takes {modalities}")
+        for modality, source in inputs.items():  # a missing file fails here, not later in an encoder worker
+            if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+                raise InputError(f"{modality} file not found", source=str(source), item=input_item)
         ids = self._prompt_ids(prompt, [m for m in modalities if m in inputs])
         total = len(ids) + params.max_new_tokens
         if total > self.backbone.cfg.max_seq_len:
@@ -392,14 +397,20 @@ class Engine:
         and optionally `sampling`. Returns one RequestOutput per request, in order."""
         todo = list(enumerate(requests))
         ids: dict[int, int] = {}
-        while todo or any(not self._seqs[r].finished for r in ids.values()):
-            while todo and self.scheduler.num_queued < self.cfg.max_waiting:
-                index, req = todo.pop(0)
-                kwargs = dict(req) if isinstance(req, dict) else {"prompt": req}
-                kwargs.setdefault("sampling", sampling)
-                kwargs.setdefault("input_item", index if len(requests) > 1 else None)
-                ids[index] = self.add_request(kwargs.pop("prompt"), **kwargs)
-            self.step()
+        try:
+            while todo or any(not self._seqs[r].finished for r in ids.values()):
+                while todo and self.scheduler.num_queued < self.cfg.max_waiting:
+                    index, req = todo.pop(0)
+                    kwargs = dict(req) if isinstance(req, dict) else {"prompt": req}
+                    kwargs.setdefault("sampling", sampling)
+                    kwargs.setdefault("input_item", index if len(requests) > 1 else None)
+                    ids[index] = self.add_request(kwargs.pop("prompt"), **kwargs)
+                self.step()
+        except BaseException:  # a refused request (or Ctrl-C) ends the whole batch: nothing is left queued
+            for request_id in ids.values():
+                self.abort(request_id)
+                self._seqs.pop(request_id, None)
+            raise
         return [self.release(ids[i]) for i in range(len(requests))]
 
     async def stream(self, prompt: str | Seq[int], **kwargs: Any) -> AsyncIterator[int]:
