@@ -157,11 +157,11 @@ def run_offline(engine: Engine, workload) -> dict:
 
 
 # ---- 2. continuous vs static ---------------------------------------------------------------------------------
-def continuous_vs_static(n_requests: int, max_batch: int, shape: str = "lognormal", weight_bound: bool = False
-                         ) -> dict:
+def continuous_vs_static(n_requests: int, max_batch: int, shape: str = "lognormal", weight_bound: bool = False,
+                         device: str = "cpu") -> dict:
     """The fp32 serving model (compute-bound steps on CPU) with the padded static baseline too, or the bf16
     weight_bound_model (engine static mode only: padded static adds a minute and says the same)."""
-    model = weight_bound_model() if weight_bound else serving_model()
+    model = (weight_bound_model() if weight_bound else serving_model()).to(device)
     work = mixed_workload(n_requests, shape=shape)
     res = {"workload": shape, "model": "bf16 137 MB, weight-bound" if weight_bound else "fp32 13 MB",
            **workload_stats(work), "ideal_steps": ideal_steps([n for _, n in work], max_batch)}
@@ -360,8 +360,8 @@ def run_online(engine: Engine, workload, arrivals: list[float]) -> dict:
             "p99_ttft_s": pct(ttft, 99), "wall_s": time.perf_counter() - start}
 
 
-def low_latency_vs_default(n_requests: int, load: float) -> dict:
-    model = serving_model()
+def low_latency_vs_default(n_requests: int, load: float, device: str = "cpu") -> dict:
+    model = serving_model().to(device)
     work = load_workload(n_requests)
     calib = run_offline(Engine(model), work[:40])  # the default's offline request rate sets the load
     rate = load * 40 / calib["wall_s"]

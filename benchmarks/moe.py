@@ -2,14 +2,15 @@
 
     HF_HUB_OFFLINE=1 python -m benchmarks.moe --out benchmarks/results/moe_cpu   # seed geometry (~3 min, 2 cores)
     HF_HUB_OFFLINE=1 python -m benchmarks.moe --quick         # tiny smoke run (seconds)
+    HF_HUB_OFFLINE=1 python -m benchmarks.moe --device cuda --dtypes bf16 --out benchmarks/results/moe_gpu
 
 Geometry (seed): hidden 512, expert width 256, 128 routed experts, 4096 tokens. For a like-for-like comparison
 our layer is configured to transformers' routing (softmax top-k over all experts, num_groups=1; Mixtral
 renormalises the top-k weights, Qwen2-MoE does not), the weights are copied across, and the outputs are asserted
 to match before anything is timed. Qwen2-MoE's sigmoid-gated shared expert is reproduced exactly by zeroing its
 gate (sigmoid(0) = 0.5) and folding the 0.5 into our shared expert's down projection. Every transformers
-`experts_implementation` that has a CPU kernel is timed (eager loop, batched_mm, grouped_mm; deepgemm and
-sonicmoe are CUDA-only). batched_mm gathers one (2H, D) + (D, H) weight copy per (token, expert) pair -- 1.5 MB
+`experts_implementation` that runs without extra kernel packages is timed (eager loop, batched_mm, grouped_mm;
+deepgemm and sonicmoe need CUDA kernel libraries that are not installed). batched_mm gathers one (2H, D) + (D, H) weight copy per (token, expert) pair -- 1.5 MB
 each in fp32, 25 GB for 4096 tokens x top-4 -- so it is timed at --batched-tokens, next to our layer at that size.
 Numbers are medians over up to --repeats timed calls after --warmup calls, capped at --budget seconds per
 measurement (the eager loop's fwd+bwd takes seconds per call); CPU timings are noisy, compare ratios within one run.
@@ -33,10 +34,10 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 
 from benchmarks.report import publish
 from mmr1.config import MoEConfig
-from mmr1.moe import MoEFeedForward
-from mmr1.moe_kernels import cpu_path
+from mmr1.moe import MoEFeedForward, select_experts
+from mmr1.moe_kernels import cpu_path, grouped_mm_available
 
-HF_CPU_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # deepgemm / sonicmoe need CUDA
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # deepgemm / sonicmoe need CUDA kernel packages
 SLOW_CALL_S = 3.0
 # (model, top-k): Mixtral at the seed's top-2 and at top-4; Qwen2-MoE at its own top-4 (its eager loop is the same
 # code as Mixtral's, so a Qwen2-MoE top-2 case would add minutes and little information).
@@ -129,16 +130,19 @@ def median_seconds(layer: torch.nn.Module, x: torch.Tensor, backward: bool, repe
     params = list(layer.parameters())
     grad_out = torch.randn_like(x)
     times, calls = [], 0
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # time the kernels, not their launch
     while len(times) < repeats and not (times and sum(times) > budget_s):
         for p in params:
             p.grad = None
         x.grad = None
+        sync()
         start = time.perf_counter()
         if backward:
             run_layer(layer, x).backward(grad_out)
         else:
             with torch.no_grad():
                 run_layer(layer, x)
+        sync()
         elapsed = time.perf_counter() - start
         calls += 1
         if calls > warmup or elapsed > SLOW_CALL_S:
@@ -155,23 +159,23 @@ def measure(layer, x, repeats, warmup, budget_s) -> dict:
 
 
 def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: int, warmup: int,
-               budget_s: float) -> list[dict]:
+               budget_s: float, device: str = "cpu") -> list[dict]:
     """All rows of one (model, dtype, top-k): ours and each transformers implementation, with ratios."""
     torch.manual_seed(0)
     dtype = DTYPES[dtype_name]
-    block = hf_block(model, geo, top_k).to(dtype)
-    ours = ours_like(block, model, geo, top_k).to(dtype)
-    x = torch.randn(1, geo.tokens, geo.dim, dtype=dtype, requires_grad=True)
+    block = hf_block(model, geo, top_k).to(device, dtype)
+    ours = ours_like(block, model, geo, top_k).to(device, dtype)
+    x = torch.randn(1, geo.tokens, geo.dim, dtype=dtype, device=device, requires_grad=True)
     x_small = x.detach()[:, : geo.batched_tokens].clone().requires_grad_(True)
     block.experts.config._experts_implementation = "eager"  # read at every call: switchable per timing
     agree = assert_same_outputs(ours, block, x)
     base = {"model": model, "dtype": dtype_name, "top_k": top_k}
     rows = [{**base, "impl": "mmr1", "routing_agreement": agree, **measure(ours, x, repeats, warmup, budget_s)}]
     if model == "mixtral":  # the seed's group-limited routing (16 groups of 8, best 4 groups): same expert cost
-        seed = ours_like(block, model, geo, top_k, seed_routing=True).to(dtype)
+        seed = ours_like(block, model, geo, top_k, seed_routing=True).to(device, dtype)
         rows.append({**base, "impl": "mmr1 (seed routing)", **measure(seed, x, repeats, warmup, budget_s)})
     ours_small = None
-    for impl in HF_CPU_IMPLEMENTATIONS:
+    for impl in HF_IMPLEMENTATIONS:
         block.experts.config._experts_implementation = impl
         inp = x_small if impl == "batched_mm" else x
         assert_same_outputs(ours, block, inp)
@@ -188,12 +192,12 @@ def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: 
 
 def dynamic_activation_savings(geo: Geometry, thresholds=(0.3, 0.5), logit_scales=(1.0, 8.0, 32.0),
                                min_k: int = 2, max_k: int = 4) -> list[dict]:
-    """Mean experts per token under a cumulative-probability rule vs fixed top-`max_k`, and the FLOPs saved.
+    """Mean experts per token under dynamic activation vs fixed top-`max_k`, and the expert FLOPs saved.
 
-    Dynamic activation isn't in mmr1.moe on this branch, so the rule is applied here to the softmax router
-    probabilities of random inputs: a token takes experts in order of probability until their sum reaches
-    the threshold, at least `min_k` and at most `max_k`. An untrained router is nearly uniform over 128
-    experts (always max_k), so sharper routers are emulated by scaling the router logits.
+    mmr1's own routing (`select_experts` with `dynamic_threshold`, softmax over all experts) on the router
+    probabilities of random inputs: a token takes experts in order of probability until their sum reaches the
+    threshold, at least `min_k` and at most `max_k`. An untrained router is nearly uniform over 128 experts
+    (always max_k), so sharper routers are emulated by scaling the router logits.
     """
     torch.manual_seed(0)
     gate = torch.nn.Linear(geo.dim, geo.num_experts, bias=False)
@@ -203,21 +207,29 @@ def dynamic_activation_savings(geo: Geometry, thresholds=(0.3, 0.5), logit_scale
     flops_per_expert = 3 * 2 * geo.dim * geo.expert_hidden  # three matmuls per (token, expert), forward
     rows = []
     for scale in logit_scales:
-        probs = (logits * scale).softmax(dim=-1).sort(dim=-1, descending=True).values
-        before = probs.cumsum(dim=-1) - probs  # mass of the experts already taken
+        probs = (logits * scale).softmax(dim=-1)
         for threshold in thresholds:
-            k = (before < threshold).sum(dim=-1).clamp(min_k, max_k).float()  # (N,)
-            mean_k = k.mean().item()
+            cfg = MoEConfig(num_experts=geo.num_experts, num_groups=1, topk_groups=1, top_k=max_k,
+                            expert_hidden=geo.expert_hidden, dynamic_threshold=threshold, min_k=min_k, max_k=max_k)
+            _, indices = select_experts(probs, cfg)
+            mean_k = (indices >= 0).sum(dim=-1).float().mean().item()
             rows.append({"logit_scale": scale, "threshold": threshold, "mean_experts_per_token": mean_k,
                          "expert_gflops_per_1k_tokens": 1e3 * mean_k * flops_per_expert / 1e9,
                          "saved_vs_top4": 1 - mean_k / max_k})
     return rows
 
 
+def kernel_used(device: torch.device, dtype: torch.dtype) -> str:
+    """The expert kernel mmr1.moe_kernels.grouped_swiglu picks on `device` for `dtype` (balanced load)."""
+    if device.type == "cpu":
+        return cpu_path(dtype)
+    return "grouped_mm" if grouped_mm_available(device, dtype) else "padded_bmm"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"`{result['command']}` on {m['cores']} CPU cores ({m['cpu']}, torch threads {m['torch_threads']}), "
-             f"gpu: {m['gpu']}; torch {m['torch']}, transformers {m['transformers']}; mmr1 kernel per dtype "
+             f"timed on: {m.get('device', 'cpu')}; torch {m['torch']}, transformers {m['transformers']}; mmr1 kernel per dtype "
              f"{result['mmr1_kernel']}; median over <= {result['repeats']} timed calls after {result['warmup']} "
              f"warm-up (<= {result['budget_s']:g} s each); total {result['total_seconds']:.0f} s.", "",
              ]
@@ -248,8 +260,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timed calls per measurement")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--batched-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU is there")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     geo = Geometry(tokens=args.tokens, batched_tokens=args.batched_tokens)
     if args.quick:
         geo = Geometry(dim=64, expert_hidden=32, num_experts=16, num_groups=4, topk_groups=2, tokens=256,
@@ -263,15 +279,16 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for dtype_name in args.dtypes:
         for model, top_k in cases:
-            rows += bench_case(model, dtype_name, top_k, geo, args.repeats, args.warmup, args.budget)
+            rows += bench_case(model, dtype_name, top_k, geo, args.repeats, args.warmup, args.budget, args.device)
             print(f"done {model} {dtype_name} top-{top_k} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
     result = {
         "command": "python -m benchmarks.moe " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "gpu": torch.cuda.is_available()},
+                    "transformers": transformers.__version__, "gpu": torch.cuda.is_available(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
         "geometry": vars(geo), "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget,
-        "mmr1_kernel": {d: cpu_path(DTYPES[d]) for d in args.dtypes},
+        "mmr1_kernel": {d: kernel_used(device, DTYPES[d]) for d in args.dtypes},
         "rows": rows,
         "dynamic_activation": {"note": dynamic_activation_savings.__doc__.split("\n\n")[1].strip(),
                                "rows": dynamic_activation_savings(geo)},

@@ -100,3 +100,16 @@ def generate(model: R1Model, prompts: list[list[int]], *, cross_states: torch.Te
     if eos_id is not None:
         tokens = [row[:row.index(eos_id)] if eos_id in row else row for row in tokens]
     return tokens
+
+
+def generate_with_inputs(model, prompt: list[int], inputs: dict, max_new_tokens: int = 16, **kwargs) -> list[int]:
+    """One request to a MultimodalR1 the simple way (the engine's reference): its raw inputs (`{"image": path or
+    array, "audio": ...}`) loaded and encoded alone, then `generate` on the backbone; returns the new tokens."""
+    modalities = {}
+    for key, source in inputs.items():
+        processor = model.encoders[key].processor
+        modalities[key] = {**processor.collate([processor(source)]), "present": torch.tensor([True])}
+    with torch.no_grad():
+        states, mask = model.encode_batch(modalities, 1)
+    return generate(model.backbone, [prompt], cross_states=states, cross_mask=mask, max_new_tokens=max_new_tokens,
+                    **kwargs)[0]

@@ -94,6 +94,8 @@ class MultimodalR1(nn.Module):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """One modality's collated inputs -> backbone-width tokens (N, T, dim) and token mask (N, T)."""
         encoder = self.encoders[key]
+        device = self.modality_embeddings[key].device  # processors collate on the CPU (data workers, engine queues)
+        values, mask = values.to(device), None if mask is None else mask.to(device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not getattr(encoder, "frozen", False)):
             tokens, token_mask = encoder(values, mask)  # (N, T, enc_dim), (N, T)
         tokens, token_mask = self.projectors[key](tokens, token_mask)  # (N, T', dim)
@@ -159,9 +161,7 @@ class MultimodalR1(nn.Module):
         """() an exact 0 computed from `key`'s encoder + projector on one dummy input."""
         processor = self.encoders[key].processor
         batch = processor.collate([processor.dummy_input()])
-        device = self.backbone.tok_embeddings.weight.device
-        mask = batch.get("mask")
-        tokens, _ = self.encode_modality(key, batch["values"].to(device), None if mask is None else mask.to(device))
+        tokens, _ = self.encode_modality(key, batch["values"], batch.get("mask"))
         return tokens.float().sum() * 0.0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ from data_pipelines import InputError
 from mmr1.engine import Engine, EngineConfig, SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool, dequantize_int8, quantize_int8
 from engine_stub import paged_logits
-from mmr1.generation import generate
+from mmr1.generation import generate, generate_with_inputs
 from mmr1.kv_cache import KVCache
 from mmr1.model import MultimodalR1
 from test_generation import PROMPTS, modality_tokens, tiny_model
@@ -68,14 +68,8 @@ def raw_inputs(seed):
 
 
 def multimodal_reference(model, prompt, inputs, n):
-    """The pre-engine path: collate this request's inputs alone, encode + fuse, then generate()."""
-    modalities = {}
-    for key, source in inputs.items():
-        proc = model.encoders[key].processor
-        modalities[key] = {**proc.collate([proc(source)]), "present": torch.tensor([True])}
-    with torch.no_grad():
-        cs, cm = model.encode_batch(modalities, 1)
-    return generate(model.backbone, [prompt], cross_states=cs, cross_mask=cm, max_new_tokens=n)[0]
+    """The pre-engine path: this request's inputs encoded alone, then generate()."""
+    return generate_with_inputs(model, prompt, inputs, n)
 
 
 @pytest.mark.parametrize("async_encoding", [True, False])

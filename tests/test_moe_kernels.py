@@ -144,3 +144,14 @@ def test_benchmark_quick_run_writes_table_and_json(tmp_path):
             assert r["ours_over_theirs_fwd_bwd"] > 0
     assert "| mixtral | fp32 | 2 | eager |" in (tmp_path / "moe.md").read_text()
     assert saved["dynamic_activation"]["rows"][0]["mean_experts_per_token"] >= 2
+
+
+def test_gpu_checks_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_checks.py is what a lent GPU runs (benchmarks/gpu_run.sh); the same code must run here."""
+    from benchmarks.gpu_checks import main
+
+    result = main(["--device", "cpu", "--quick", "--out", str(tmp_path / "gpu")])
+    assert set(result["kernels"]) == {"float32", "bfloat16"}
+    assert "token for token" in result["engine"]["packed"] and "token for token" in result["engine"]["padded"]
+    assert result["continuous_vs_static"]["throughput_ratio"] > 0
+    assert "| engine packed |" in (tmp_path / "gpu.md").read_text()
