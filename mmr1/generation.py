@@ -8,13 +8,22 @@ from mmr1.kv_cache import KVCache
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). Greedy when temperature == 0, else temperature/top-k/top-p sampling."""
+                      generator: torch.Generator | None = None, min_p: float = 0.0) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). Greedy when temperature == 0, else temperature/top-k/top-p/min-p
+    sampling."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    probs = warp_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                min_p: float = 0.0) -> torch.Tensor:
+    """logits (..., V) -> fp32 logits of the sampling distribution: divided by temperature (> 0), then tokens
+    outside the top-k, outside the top-p nucleus, or less likely than min_p x the most likely one set to -inf."""
     logits = logits.float() / temperature
     if top_k > 0:
-        kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p < 1.0:
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
@@ -23,8 +32,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         drop = drop_sorted.scatter(-1, sorted_ids, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    if min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return logits
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +55,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 def generate(model: R1Model, prompts: list[list[int]], *, cross_states: torch.Tensor | None = None,
              cross_mask: torch.Tensor | None = None, max_new_tokens: int = 16, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, pad_id: int = 0,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, min_p: float = 0.0) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens, cut before `eos_id`.
 
     cross_states (B, T, dim) / cross_mask (B, T) are the modality tokens of each prompt (same order); their
@@ -82,7 +93,7 @@ def generate(model: R1Model, prompts: list[list[int]], *, cross_states: torch.Te
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         new_tokens = []
         for step in range(max_new_tokens):
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = sample_next_token(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
             token = token.masked_fill(finished, pad_id)
             new_tokens.append(token)
             if eos_id is not None:

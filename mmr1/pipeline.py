@@ -41,17 +41,21 @@ class Pipeline:
             engine.close()
 
     def __call__(self, question: str | Sequence[str], *, max_new_tokens: int = 16, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, **inputs: Any) -> str | list[str]:
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, sampling: SamplingParams | None = None,
+                 **inputs: Any) -> str | list[str]:
         """Answer one question (-> str) or a list of questions (-> list[str]).
 
         Keyword inputs are modality keys of the model (`image=`, `audio=`, or a plug-in's key). For a batch each
-        is a list aligned with the questions (None where an item lacks that modality).
+        is a list aligned with the questions (None where an item lacks that modality). `sampling` (a full
+        SamplingParams: penalties, min_p, stop strings, ...) replaces the sampling keywords.
         """
         batched = not isinstance(question, str)
         questions = list(question) if batched else [question]
         per_item = self._split_inputs(inputs, len(questions), batched)
-        answers = self._answer(questions, per_item, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, seed=seed)
+        if sampling is None:
+            sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, seed=seed)
+        answers = self._answer(questions, per_item, sampling)
         return answers if batched else answers[0]
 
     def _split_inputs(self, inputs: dict[str, Any], n: int, batched: bool) -> list[dict[str, Any]]:
@@ -74,10 +78,8 @@ class Pipeline:
                     per_item[i][key] = v
         return per_item
 
-    def _answer(self, questions: list[str], per_item: list[dict[str, Any]], *, seed: int | None,
-                **sampling: Any) -> list[str]:
-        # Each request gets its own generator seeded with `seed`: a question's sample doesn't depend on the batch.
-        params = SamplingParams(seed=seed, **sampling)
+    def _answer(self, questions: list[str], per_item: list[dict[str, Any]], params: SamplingParams) -> list[str]:
+        # Each request gets its own generator seeded with params.seed: a question's sample doesn't depend on the batch.
         outputs = self.engine.generate([{"prompt": q, **inputs} for q, inputs in zip(questions, per_item)], params)
         for out in outputs:  # the first bad input, naming its batch item
             if out.error is not None:

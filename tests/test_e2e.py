@@ -13,6 +13,7 @@ from e2e_utils import tiny_demo_config
 from mmr1 import __version__
 from mmr1.checkpoint import export_checkpoint, model_from_checkpoint, read_checkpoint
 from mmr1.cli import main
+from mmr1.engine import SamplingParams
 from mmr1.model import MultimodalR1
 from mmr1.pipeline import Pipeline
 
@@ -129,6 +130,8 @@ def test_ask_command_answers_like_the_pipeline(trained, tmp_path, capsys):
     qa = Pipeline.from_pretrained(out)
     try:
         expected = qa("Are there as many shapes as beeps?", image=str(image), audio=str(wav), max_new_tokens=4)
+        assert qa("Are there as many shapes as beeps?", image=str(image), audio=str(wav),
+                  sampling=SamplingParams(max_new_tokens=4)) == expected
     finally:
         qa.close()
     capsys.readouterr()

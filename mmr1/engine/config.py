@@ -22,7 +22,12 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (0 = off)
     repetition_penalty: float = 1.0  # CTRL-style: logits of already-seen tokens are divided (>0) / multiplied (<0)
+    presence_penalty: float = 0.0  # OpenAI-style, over generated tokens: logit -= presence if the token occurred
+    frequency_penalty: float = 0.0  # ... and -= frequency x its count
+    min_tokens: int = 0  # eos, stop tokens and stop strings cannot end the request before this many tokens
+    logprobs: Optional[int] = None  # per token: its log-probability and the top-N alternatives' (0 = only its own)
     seed: Optional[int] = None  # per-request generator: same seed -> same sample, whatever else is batched
     stop_token_ids: list[int] = field(default_factory=list)  # finish when one is produced (it is not returned)
     stop: list[str] = field(default_factory=list)  # finish when the decoded text contains one (text is cut there)
@@ -31,11 +36,20 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"SamplingParams: max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"SamplingParams: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                             f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p <= 1; "
+                             f"got temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}, "
+                             f"min_p={self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"SamplingParams: repetition_penalty={self.repetition_penalty} must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"SamplingParams: {name}={getattr(self, name)} must be in [-2, 2] (OpenAI's range)")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"SamplingParams: min_tokens={self.min_tokens} must be in [0, max_new_tokens="
+                             f"{self.max_new_tokens}]")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"SamplingParams: logprobs={self.logprobs} must be >= 0 (or None)")
 
     @property
     def greedy(self) -> bool:

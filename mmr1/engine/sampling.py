@@ -1,14 +1,21 @@
-"""Per-request sampling on top of mmr1.generation.sample_next_token: repetition penalty, per-request generators,
-and the processed distribution speculative decoding needs for rejection sampling."""
+"""Per-request sampling on top of mmr1.generation: penalties, min_tokens, per-request generators, logprobs, and
+the processed distribution speculative decoding needs for rejection sampling.
+
+Order (as vLLM): repetition / presence / frequency penalties and the min_tokens mask on the raw logits, then
+greedy argmax, or temperature -> top-k -> top-p -> min-p and a draw from the request's own generator.
+"""
 from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
 
 import torch
 
 from mmr1.engine.config import SamplingParams
-from mmr1.generation import sample_next_token
+from mmr1.generation import sample_next_token, warp_logits
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[int], penalty: float) -> torch.Tensor:
     """logits (V,): tokens in `seen` get logit / penalty when positive, logit * penalty when negative."""
     if penalty == 1.0 or not seen:
         return logits
@@ -16,6 +23,31 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
     picked = logits[ids]
     logits = logits.clone()
     logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def apply_presence_frequency(logits: torch.Tensor, output: Sequence[int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over the generated tokens: logit -= presence * [count > 0] + frequency * count."""
+    if (presence == 0.0 and frequency == 0.0) or not output:
+        return logits
+    counts = Counter(output)
+    ids = torch.tensor(list(counts), device=logits.device)
+    n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    logits = logits.clone()
+    logits[ids] -= presence + frequency * n
+    return logits
+
+
+def penalized_logits(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int], num_prompt: int = 0,
+                     end_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Raw logits (V,) -> fp32 logits after the penalties; `tokens` is prompt + output so far (the first
+    `num_prompt` are the prompt). While fewer than `min_tokens` are out, `end_ids` (eos, stop tokens) are -inf."""
+    logits = apply_repetition_penalty(logits.float(), tokens, params.repetition_penalty)
+    logits = apply_presence_frequency(logits, tokens[num_prompt:], params.presence_penalty, params.frequency_penalty)
+    if end_ids and len(tokens) - num_prompt < params.min_tokens:
+        logits = logits.clone()
+        logits[list(end_ids)] = float("-inf")
     return logits
 
 
@@ -28,28 +60,34 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator) -> int:
+def sample_row(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int], generator: torch.Generator,
+               num_prompt: int = 0, end_ids: Sequence[int] = ()) -> int:
     """One request's next token from its last logits (V,)."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = penalized_logits(logits, params, tokens, num_prompt, end_ids)
     if params.greedy:
         return int(logits.argmax())
-    token = sample_next_token(logits[None].cpu(), params.temperature, params.top_k, params.top_p, generator)
+    token = sample_next_token(logits[None].cpu(), params.temperature, params.top_k, params.top_p, generator,
+                              params.min_p)
     return int(token[0])
 
 
-def processed_probs(logits: torch.Tensor, params: SamplingParams, seen: list[int]) -> torch.Tensor:
-    """The distribution sample_row draws from, (V,) fp32: penalty, temperature, top-k, top-p (same rules as
-    sample_next_token). Greedy is the one-hot of the argmax. On the CPU, where the request's generator lives."""
-    logits = apply_repetition_penalty(logits.float().cpu(), seen, params.repetition_penalty)
+def processed_probs(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int], num_prompt: int = 0,
+                    end_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The distribution sample_row draws from, (V,) fp32 on the CPU (where the request's generator lives). Greedy
+    is the one-hot of the argmax."""
+    logits = penalized_logits(logits.cpu(), params, tokens, num_prompt, end_ids)
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = logits.topk(min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop_sorted = probs.cumsum(-1) - probs >= params.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
+    return warp_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict[int, float]:
+    """Log-probabilities under the model's raw distribution (log-softmax of the logits, before penalties and
+    temperature, as vLLM reports by default): the chosen token's and the `top` most likely tokens'."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = {}
+    if top > 0:
+        values, ids = logp.topk(min(top, logp.shape[-1]))
+        out = dict(zip(ids.tolist(), values.tolist()))
+    out[token] = float(logp[token])
+    return out

@@ -30,6 +30,8 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    # SamplingParams.logprobs: per returned token {token id: log-probability} (it and the top-N alternatives)
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def latency(self) -> float | None:
@@ -44,6 +46,7 @@ class Sequence:
     generator: torch.Generator
     status: Status = Status.WAITING
     output: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # one per output token, when asked for
     text: str | None = None
     finish_reason: str | None = None
     error: BaseException | None = None
@@ -87,4 +90,5 @@ class Sequence:
 
     def result(self) -> RequestOutput:
         return RequestOutput(self.id, list(self.prompt), list(self.output), self.text, self.finish_reason,
-                             self.error, self.arrival_time, self.first_token_time, self.finish_time)
+                             self.error, self.arrival_time, self.first_token_time, self.finish_time,
+                             list(self.logprobs) if self.params.logprobs is not None else None)

@@ -35,20 +35,22 @@ def ngram_propose(tokens: list[int], k: int, ngram_max: int = 3, ngram_min: int 
 
 
 def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seen: list[int],
-           generator: torch.Generator, draft_probs: list[torch.Tensor] | None = None) -> tuple[list[int], int]:
-    """logits (len(drafts) + 1, V): the target's logits after the last committed token and after each draft.
+           generator: torch.Generator, draft_probs: list[torch.Tensor] | None = None, num_prompt: int = 0,
+           end_ids: tuple[int, ...] = ()) -> tuple[list[int], int]:
+    """logits (len(drafts) + 1, V): the target's logits after the last committed token and after each draft;
+    `seen` the committed tokens (the first num_prompt are the prompt: penalties and min_tokens as sample_row).
 
     Returns (tokens to commit: the accepted drafts + one target token, number of drafts accepted)."""
     out: list[int] = []
     for j, d in enumerate(drafts):
         context = seen + out
         if params.greedy:
-            best = sample_row(logits[j], params, context, generator)
+            best = sample_row(logits[j], params, context, generator, num_prompt, end_ids)
             if best != d:
                 return out + [best], j
             out.append(d)
             continue
-        p = processed_probs(logits[j], params, context)
+        p = processed_probs(logits[j], params, context, num_prompt, end_ids)
         q = draft_probs[j] if draft_probs is not None else None
         q_d = 1.0 if q is None else float(q[d])
         accept = float(p[d]) / q_d if q_d > 0 else 0.0
@@ -60,7 +62,7 @@ def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seen
         if float(residual.sum()) <= 0:  # p == q: rejection is impossible in exact arithmetic; fall back to p
             residual = p
         return out + [int(torch.multinomial(residual / residual.sum(), 1, generator=generator))], j
-    return out + [sample_row(logits[len(drafts)], params, seen + out, generator)], len(drafts)
+    return out + [sample_row(logits[len(drafts)], params, seen + out, generator, num_prompt, end_ids)], len(drafts)
 
 
 class DraftModel:
@@ -103,7 +105,8 @@ class DraftModel:
                 seq = seqs[i]
                 seq.draft_cached += len(feeds[i])
                 last = logits[r][len(feeds[i]) - 1]
-                q = processed_probs(last, seq.params, seq.tokens + drafts[i])
+                # q may be any distribution the draft samples from; penalties as the target's make it closer
+                q = processed_probs(last, seq.params, seq.tokens + drafts[i], len(seq.prompt))
                 token = int(q.argmax()) if seq.params.greedy else int(torch.multinomial(q, 1, generator=seq.generator))
                 drafts[i].append(token)
                 probs[i].append(q)

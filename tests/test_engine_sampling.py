@@ -1,0 +1,108 @@
+"""The engine's vLLM-style sampling extras against simple references: logprobs == log-softmax of a full forward,
+min_tokens, presence/frequency penalties == a plain loop, min-p == transformers' MinPLogitsWarper; each also
+through speculative decoding, where verification must apply the same rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MinPLogitsWarper
+
+from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig
+from mmr1.generation import generate, warp_logits
+from test_engine import SMALL
+from test_generation import PROMPTS, tiny_model
+
+SETUPS = {"plain": {}, "speculative": {"speculative": SpeculativeConfig("ngram", 3, ngram_min=1)}}
+
+
+def full_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()  # (T, V), no cache
+
+
+def loop_reference(model, prompt: list[int], n: int, rule) -> list[int]:
+    """Greedy the slow way: a full forward per token, `rule(logits, output)` edits the last logits; None = stop."""
+    out: list[int] = []
+    for _ in range(n):
+        token = rule(full_logits(model, prompt + out)[-1].clone(), out)
+        if token is None:
+            break
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_logprobs_are_the_log_softmax_of_a_full_forward(setup):
+    model = tiny_model(cross_attn_layers=())
+    engine = Engine(model, config=EngineConfig(**SMALL, **SETUPS[setup]))
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, logprobs=3))
+    for prompt, out in zip(PROMPTS, outs):
+        assert len(out.logprobs) == len(out.token_ids) == 8
+        logp = torch.log_softmax(full_logits(model, prompt + out.token_ids), dim=-1)
+        for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+            ref = logp[len(prompt) - 1 + i]
+            top = ref.topk(3).indices.tolist()
+            assert set(entry) == set(top) | {token}  # the chosen token (greedy: the first of the top) + top-3
+            for t, value in entry.items():
+                assert value == pytest.approx(ref[t].item(), abs=1e-4)
+    assert Engine(model).generate([PROMPTS[0]], SamplingParams(max_new_tokens=2))[0].logprobs is None
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_min_tokens_holds_back_stop_tokens(setup):
+    model = tiny_model(cross_attn_layers=())
+    prompt = PROMPTS[2]
+    first = generate(model, [prompt], max_new_tokens=1)[0][0]
+    plain = Engine(model).generate([prompt], SamplingParams(max_new_tokens=6, stop_token_ids=[first]))[0]
+    assert plain.token_ids == [] and plain.finish_reason == "stop"  # the stop token comes first
+
+    def rule(logits, out):
+        if len(out) < 3:
+            logits[first] = float("-inf")
+        token = int(logits.argmax())
+        return None if token == first else token
+
+    out = Engine(model, config=EngineConfig(**SMALL, **SETUPS[setup])).generate(
+        [prompt], SamplingParams(max_new_tokens=12, min_tokens=3, stop_token_ids=[first]))[0]
+    assert out.token_ids == loop_reference(model, prompt, 12, rule)
+    assert len(out.token_ids) >= 3 and first not in out.token_ids
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_presence_and_frequency_penalties_match_a_plain_loop(setup):
+    model = tiny_model(cross_attn_layers=())
+    presence, frequency = 0.8, 0.6
+
+    def rule(logits, out):
+        for token in set(out):
+            logits[token] -= presence + frequency * out.count(token)
+        return int(logits.argmax())
+
+    params = SamplingParams(max_new_tokens=12, presence_penalty=presence, frequency_penalty=frequency)
+    outs = Engine(model, config=EngineConfig(**SMALL, **SETUPS[setup])).generate(PROMPTS, params)
+    refs = [loop_reference(model, p, 12, rule) for p in PROMPTS]
+    assert [o.token_ids for o in outs] == refs
+    assert refs != [generate(model, [p], max_new_tokens=12)[0] for p in PROMPTS]  # the penalties bite
+
+
+def test_min_p_matches_transformers_and_seeded_engine_sampling_matches_generate():
+    logits = torch.randn(4, 64) * 3
+    ours = warp_logits(logits, 1.0, min_p=0.1)
+    theirs = MinPLogitsWarper(0.1)(None, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+    model = tiny_model(cross_attn_layers=())
+    params = SamplingParams(max_new_tokens=8, temperature=1.2, min_p=0.2, seed=5)
+    out = Engine(model, config=EngineConfig(**SMALL)).generate([PROMPTS[0]], params)[0]
+    ref = generate(model, [PROMPTS[0]], max_new_tokens=8, temperature=1.2, min_p=0.2,
+                   generator=torch.Generator().manual_seed(5))[0]
+    assert out.token_ids == ref
+
+
+@pytest.mark.parametrize("bad, field", [({"presence_penalty": 2.5}, "presence_penalty"),
+                                         ({"frequency_penalty": -3}, "frequency_penalty"),
+                                         ({"min_p": 1.5}, "min_p"), ({"min_tokens": 9}, "min_tokens"),
+                                         ({"logprobs": -1}, "logprobs")])
+def test_sampling_params_refuse_bad_values_naming_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(max_new_tokens=8, **bad)
