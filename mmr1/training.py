@@ -72,7 +72,7 @@ class MMR1LightningModule(L.LightningModule):
             trainable: staged recipes -- regexes of the parameter names that train (e.g. ["^projectors\\.",
                 "modality_embeddings", "\\.cross_attn\\."] for connector-only alignment); everything else is frozen.
             fused_adamw: torch's fused AdamW (one kernel for all parameters; on the CPU the demo's optimizer step
-                takes 7 instead of 29 ms). None: wherever Lightning allows it (not under the mixed-precision or FSDP
+                takes 7 instead of 20 ms, benchmarks/optimizer.py). None: wherever Lightning allows it (not under the mixed-precision or FSDP
                 plugins, which refuse gradient clipping with it, nor for sharded parameters); False: never.
         """
         super().__init__()
