@@ -141,6 +141,27 @@ def test_stop_strings_cut_the_text():
     assert out.finish_reason == "stop" and out.text == text[:first] and out.token_ids == free[:first + 2]
 
 
+@pytest.mark.parametrize("min_tokens", [0, 3])
+def test_stop_strings_count_only_after_min_tokens(min_tokens):
+    free = reference_generate([2], 10)
+    text = LetterTokenizer().decode(free)
+    stop = text[0:2]  # occurs at once: min_tokens must skip this occurrence
+
+    def expected():  # token by token: the first occurrence that ends after the first min_tokens characters
+        for t in range(max(min_tokens, 1), 11):
+            i = text[:t].find(stop, max(0, min_tokens - len(stop) + 1))
+            if i >= 0:
+                return text[:i], free[:t], "stop"
+        return text, free, "length"
+
+    eng = Engine(StubBackbone(), LetterTokenizer(), EngineConfig(block_size=4))
+    rid = eng.add_request([2], sampling=SamplingParams(max_new_tokens=10, stop=[stop], min_tokens=min_tokens))
+    run(eng)
+    out = eng.output(rid)
+    assert (out.text, out.token_ids, out.finish_reason) == expected()
+    assert len(out.token_ids) >= min_tokens and (min_tokens == 0) == (out.text == "")
+
+
 def test_static_batching_waits_for_the_whole_batch():
     eng = engine(max_batch=2, scheduling="static")
     a = eng.add_request([1], sampling=SamplingParams(max_new_tokens=1))

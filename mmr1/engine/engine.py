@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import os
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
@@ -32,6 +31,7 @@ from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status
 from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
 from mmr1.engine.speculative import DraftModel, ngram_propose, verify
+from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import make_generator, sample_row, token_logprobs
 
 __all__ = ["Engine", "QueueFullError"]
@@ -335,11 +335,11 @@ class Engine:
         seq.num_cached += row.num_new
         if not complete:
             return False  # a prompt chunk: nothing to sample yet
-        end_ids = self._end_ids(seq.params)
+        ends = end_ids(seq.params, self.eos_id)
         if row.drafts:
             context = seq.tokens
             new, accepted = verify(logits[row.num_new - 1:row.num_new + len(row.drafts)], row.drafts, seq.params,
-                                   context, seq.generator, row.draft_probs, len(seq.prompt), end_ids)
+                                   context, seq.generator, row.draft_probs, len(seq.prompt), ends)
             self.stats["drafted"] += len(row.drafts)
             self.stats["accepted"] += accepted
             seq.num_cached += accepted  # the accepted drafts' K/V are already in the cache
@@ -347,53 +347,20 @@ class Engine:
                 self.draft.rollback(seq, len(context) + min(accepted, len(row.drafts) - 1))
         else:
             new = [sample_row(logits[row.num_new - 1], seq.params, seq.tokens, seq.generator, len(seq.prompt),
-                              end_ids)]
+                              ends)]
         for j, token in enumerate(new):  # token j was chosen from logits[row.num_new - 1 + j]
             if seq.params.logprobs is not None:
                 seq.logprobs.append(token_logprobs(logits[row.num_new - 1 + j], token, seq.params.logprobs))
-            if self._append(seq, token):
+            before = len(seq.output)
+            done = commit_token(seq, token, self.eos_id, self.tokenizer)
+            self.stats["generated_tokens"] += len(seq.output) - before
+            if done:
                 break
         if seq.finished:
             self.scheduler.remove(seq)
         else:
             self.scheduler.trim(seq)
         return True
-
-    def _end_ids(self, params: SamplingParams) -> tuple[int, ...]:
-        """The tokens that end a request (eos unless ignored, its stop tokens): masked before min_tokens."""
-        eos = () if params.ignore_eos or self.eos_id is None else (self.eos_id,)
-        return (*eos, *params.stop_token_ids)
-
-    def _append(self, seq: Sequence, token: int) -> bool:
-        """Commit one token, applying the stop rules; True when the request is done."""
-        if seq.first_token_time is None:
-            seq.first_token_time = time.perf_counter()
-        p = seq.params
-        if (not p.ignore_eos and token == self.eos_id) or token in p.stop_token_ids:
-            seq.finish("stop")
-            if seq.logprobs:
-                seq.logprobs.pop()  # the stop token is not returned, nor its logprobs
-        else:
-            seq.output.append(token)
-            self.stats["generated_tokens"] += 1
-            if p.stop and len(seq.output) >= p.min_tokens and self._hit_stop_string(seq):
-                seq.finish("stop")
-            elif len(seq.output) >= p.max_new_tokens:
-                seq.finish("length")
-        if seq.finished and self.tokenizer is not None and seq.text is None:
-            seq.text = self.tokenizer.decode(seq.output)
-        return seq.finished
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        if self.tokenizer is None:
-            raise ValueError("SamplingParams.stop (strings) needs Engine(model, tokenizer)")
-        text = self.tokenizer.decode(seq.output)
-        # a stop string counts only where it ends after the first min_tokens tokens
-        start = len(self.tokenizer.decode(seq.output[:seq.params.min_tokens])) if seq.params.min_tokens else 0
-        cuts = [i for i in (text.find(s, max(0, start - len(s) + 1)) for s in seq.params.stop) if i >= 0]
-        if cuts:
-            seq.text = text[:min(cuts)]
-        return bool(cuts)
 
     # ---- fronts -------------------------------------------------------------------------------------------
     def iter_tokens(self, request_id: int) -> Iterator[int]:
