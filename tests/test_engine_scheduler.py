@@ -40,6 +40,10 @@ def test_admission_respects_max_batch_and_free_blocks():
     ids = [eng.add_request([1, 2], sampling=SamplingParams(max_new_tokens=4)) for _ in range(4)]
     eng.step()
     assert [eng._seqs[i].status for i in ids] == [Status.RUNNING] * 2 + [Status.WAITING] * 2
+    m = eng.metrics()  # two 3-token sequences after one step: one 4-token block each
+    assert (m["running"], m["waiting"], m["kv_blocks_used"], m["kv_blocks_total"]) == (2, 2, 2, 64)
+    assert m["kv_cache_usage"] == 2 / 64 and m["steps"] == 1 and m["generated_tokens"] == 2
+    assert m["acceptance_rate"] is None and m["preemptions"] == 0
     # A pool of 3 blocks (12 tokens): two 6-token prompts need 2 blocks each -> only the first is admitted.
     eng = engine(max_batch=8, num_blocks=3)
     ids = [eng.add_request([1] * 6, sampling=SamplingParams(max_new_tokens=4)) for _ in range(2)]

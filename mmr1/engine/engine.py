@@ -179,6 +179,17 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot for logs and dashboards (what vLLM's periodic stats show): requests running / waiting /
+        encoding, KV-cache usage, preemptions so far, and the counters in `stats` with the draft acceptance rate."""
+        used = self.allocator.num_blocks - self.allocator.num_free
+        drafted = self.stats["drafted"]
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "encoding": len(self.scheduler.encoding), "kv_blocks_used": used,
+                "kv_blocks_total": self.allocator.num_blocks, "kv_cache_usage": used / self.allocator.num_blocks,
+                "preemptions": self.scheduler.num_preemptions, **self.stats,
+                "acceptance_rate": self.stats["accepted"] / drafted if drafted else None}
+
     def check_no_leaks(self) -> None:
         live = {s.id for s in self.scheduler.running}
         self.allocator.check_no_leaks(live)
