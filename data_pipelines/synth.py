@@ -48,8 +48,8 @@ def synthesize(out_dir: str | Path, *, num_train: int = 6000, num_val: int = 200
     start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass overwrite=True "
-                              "(which rewrites only the files synthesize writes)")
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite "
+                              "(overwrite=True), which rewrites only the files synthesize writes")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

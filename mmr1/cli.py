@@ -6,10 +6,14 @@
                 [--merge-lora]                                   #   (file or sharded dir; LoRA merged)
     mmr1 evaluate --model runs/demo/export --manifest data/demo/test.jsonl
     mmr1 ask --model runs/demo/export "What color is the shape?" --image x.png  # QA from the shell
+
+A bad input (missing file, malformed manifest, existing output) is one line on stderr and exit status 2;
+MMR1_TRACEBACK=1 shows the full stack instead.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -46,7 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     commands = {"data": data_main, "export": export_main, "evaluate": evaluate_main, "ask": ask_main}
     if command in commands:
-        return commands[command](argv[1:])
+        from data_pipelines.errors import InputError
+
+        try:
+            return commands[command](argv[1:])
+        except (InputError, FileNotFoundError, FileExistsError, ValueError) as err:
+            if os.environ.get("MMR1_TRACEBACK"):  # for bug reports: the full stack
+                raise
+            print(f"mmr1 {command}: {err}", file=sys.stderr)
+            return 2
     if command not in LIGHTNING_COMMANDS and not command.startswith("-"):
         print(f"mmr1: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -142,22 +154,15 @@ def ask_main(argv: list[str]) -> int:
         inputs[key] = path
     inputs = {key: path for key, path in inputs.items() if path is not None}
 
-    from mmr1.pipeline import InputError, Pipeline
+    from mmr1.pipeline import Pipeline
 
-    try:
-        qa = Pipeline.from_pretrained(args.model)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"mmr1 ask: {err}", file=sys.stderr)
-        return 2
+    qa = Pipeline.from_pretrained(args.model)
     try:
         unknown = sorted(set(inputs) - set(qa.model.modalities))
         if unknown:
             parser.error(f"{args.model} takes {qa.model.modalities}, not {unknown}")
         answer = qa(args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, **inputs)
-    except (InputError, ValueError) as err:
-        print(f"mmr1 ask: {err}", file=sys.stderr)
-        return 2
     finally:
         qa.close()
     print(answer)

@@ -157,3 +157,17 @@ def test_top_level_help_version_and_unknown_command(capsys):
     assert capsys.readouterr().out == f"mmr1 {__version__}\n"
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch):
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == f"mmr1 export: checkpoint not found: {tmp_path / 'nope.ckpt'}\n"
+    assert main(["evaluate", "--model", str(tmp_path), "--manifest", str(tmp_path / "nope.jsonl")]) == 2
+    assert "mmr1 evaluate: " in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    assert main(["data", "synth", "--out", str(tmp_path / "taken")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+    monkeypatch.setenv("MMR1_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(["export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x")])
