@@ -106,3 +106,10 @@ def test_min_p_matches_transformers_and_seeded_engine_sampling_matches_generate(
 def test_sampling_params_refuse_bad_values_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(max_new_tokens=8, **bad)
+
+
+def test_stop_token_outside_the_vocabulary_is_refused_at_add_request():
+    engine = Engine(tiny_model(cross_attn_layers=()))
+    with pytest.raises(ValueError, match=r"stop_token_ids \[64\] are outside the vocabulary \[0, 64\)"):
+        engine.add_request(PROMPTS[0], sampling=SamplingParams(stop_token_ids=[3, 64], min_tokens=2))
+    assert not engine.has_unfinished()

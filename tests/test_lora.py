@@ -67,7 +67,7 @@ def test_trainable_selector_projector_alignment():
 
 
 @pytest.mark.slow
-def test_lora_fit_trains_merges_exports_and_answers_alike(tmp_path):
+def test_lora_fit_trains_merges_exports_and_answers_alike(tmp_path, capsys):
     data = tmp_path / "data"
     synthesize(data, num_train=12, num_val=8, num_test=8, text_records=4, seed=3)
     base = tiny_demo_config(tmp_path, data, max_steps=12)
@@ -81,8 +81,9 @@ def test_lora_fit_trains_merges_exports_and_answers_alike(tmp_path):
     assert 0 < counts[0] < 0.5 * train_losses(tmp_path / "run", key="params/total")[0]
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ValueError, match="--merge-lora"):
-        main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "export")])
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "export")]) == 2
+    assert "--merge-lora" in capsys.readouterr().err and not (tmp_path / "export").exists()
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "export"), "--merge-lora"]) == 0
     merged, tokenizer = MultimodalR1.from_pretrained(tmp_path / "export")
     unmerged, _ = model_from_checkpoint(ckpt, merge=False)

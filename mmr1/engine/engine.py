@@ -113,6 +113,10 @@ class Engine:
         for modality, source in inputs.items():  # a missing file fails here, not later in an encoder worker
             if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
                 raise InputError(f"{modality} file not found", source=str(source), item=input_item)
+        vocab = self.backbone.cfg.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"Engine.add_request: stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
         ids = self._prompt_ids(prompt, [m for m in modalities if m in inputs])
         total = len(ids) + params.max_new_tokens
         if total > self.backbone.cfg.max_seq_len:
