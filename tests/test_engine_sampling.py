@@ -113,3 +113,25 @@ def test_stop_token_outside_the_vocabulary_is_refused_at_add_request():
     with pytest.raises(ValueError, match=r"stop_token_ids \[64\] are outside the vocabulary \[0, 64\)"):
         engine.add_request(PROMPTS[0], sampling=SamplingParams(stop_token_ids=[3, 64], min_tokens=2))
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_each_request_of_a_mixed_batch_equals_itself_alone(setup):
+    """Per-request rules stay per request: a batch mixing every option gives each request what it gets alone."""
+    model = tiny_model(cross_attn_layers=())
+    settings = [SamplingParams(max_new_tokens=9, logprobs=2),
+                SamplingParams(max_new_tokens=9, temperature=1.1, min_p=0.1, seed=4, logprobs=0),
+                SamplingParams(max_new_tokens=9, presence_penalty=1.0, frequency_penalty=0.5),
+                SamplingParams(max_new_tokens=9, min_tokens=4, stop_token_ids=[7, 9], repetition_penalty=1.3),
+                SamplingParams(max_new_tokens=9, temperature=0.8, top_k=8, frequency_penalty=1.5, seed=9)]
+    config = EngineConfig(**SMALL, **SETUPS[setup])
+    batch = Engine(model, config=config).generate([{"prompt": p, "sampling": s}
+                                                  for p, s in zip(PROMPTS + [PROMPTS[0]], settings)])
+    for prompt, params, out in zip(PROMPTS + [PROMPTS[0]], settings, batch):
+        alone = Engine(model, config=config).generate([prompt], params)[0]
+        assert (out.token_ids, out.finish_reason) == (alone.token_ids, alone.finish_reason)
+        assert (out.logprobs is None) == (params.logprobs is None)
+        if out.logprobs is not None:
+            assert [set(a) for a in out.logprobs] == [set(b) for b in alone.logprobs]
+            for a, b in zip(out.logprobs, alone.logprobs):
+                assert all(a[t] == pytest.approx(b[t], abs=1e-4) for t in a)
