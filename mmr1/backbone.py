@@ -151,11 +151,14 @@ class R1Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cross_states: torch.Tensor | None = None,
-                cross_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> R1Output:
+                cross_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None) -> R1Output:
         """input_ids (B, L); attention_mask (B, L) bool, True = real token (padding may sit anywhere, e.g. left);
         position_ids (B, L), by default counted over real tokens only (cached ones included);
         cross_states (B, T, dim) modality tokens and cross_mask (B, T) bool for the cross-attention layers,
-        skipped when absent; cache: decode incrementally, the L tokens continue what the cache holds.
+        skipped when absent; cache: decode incrementally, the L tokens continue what the cache holds;
+        logits_at (K,) positions along L: only these get logits, (B, K, V) (an engine samples from a few
+        positions of a long prefill; transformers calls it logits_to_keep).
         """
         B, L = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -197,7 +200,7 @@ class R1Model(nn.Module):
             cache.advance(L)
 
         x = self.norm(x)
-        logits = self.lm_head(x)  # (B, L, V)
+        logits = self.lm_head(x if logits_at is None else x[:, logits_at])  # (B, L or K, V)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else torch.zeros((), device=logits.device)
         return R1Output(logits=logits, aux_loss=aux_loss, tokens_per_expert=tokens_per_expert, hidden_states=x,
                         moe_aux=moe_aux)

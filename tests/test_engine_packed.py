@@ -10,6 +10,7 @@ from mmr1.engine import Engine, EngineConfig, SamplingParams
 from mmr1.engine.packed import SHORT_ROW, packable
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.runner import cross_kv_for, forward_packed, forward_paged
+from mmr1.engine.solo import SoloCache, solo_forward
 from test_generation import tiny_model
 
 # Tokens fed per row per step (0 = idle): prefill chunks longer than SHORT_ROW, short chunks and decode steps mixed.
@@ -43,6 +44,30 @@ def test_packed_forward_equals_padded_groups(kv_dtype):
     padded = run(forward_paged, model, kv_dtype, seqs, cross)
     for a, b in zip(packed, padded):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_logits_only_where_sampled_equal_the_full_logits():
+    """The output head on a few positions (R1Model logits_at, forward_packed tails, solo_forward tail) gives
+    exactly those rows of the full logits."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (2, 9), generator=g)
+    with torch.no_grad():
+        full = model(ids).logits
+        some = model(ids, logits_at=torch.tensor([8, 3])).logits
+    torch.testing.assert_close(some, full[:, [8, 3]], atol=1e-6, rtol=0)
+    seqs = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (20, 1, 6)]
+    outs = []
+    for tails in (None, [2, 1, 0]):
+        pool = PagedKVPool.for_model(model.cfg, num_blocks=24, block_size=4, dtype=torch.float32)
+        outs.append(forward_packed(model, pool, seqs, [0, 0, 0], TABLES[:3], None, tails=tails))
+    for whole, tail, n in zip(outs[0], outs[1], (2, 1, 0)):
+        assert tail.shape == (n, 64)
+        torch.testing.assert_close(tail, whole[len(whole) - n:], atol=1e-6, rtol=0)
+    pool = PagedKVPool.for_model(model.cfg, num_blocks=24, block_size=4, dtype=torch.float32)
+    caches = [SoloCache(0, model, pool, TABLES[0], 0) for _ in range(2)]
+    whole = solo_forward(model, caches[0], seqs[0], None)
+    torch.testing.assert_close(solo_forward(model, caches[1], seqs[0], None, tail=1), whole[-1:], atol=1e-6, rtol=0)
 
 
 def test_cross_attention_per_query_mask_equals_per_row_mask():

@@ -234,7 +234,7 @@ class Engine:
                                        [r.seq.num_cached for r in group], [r.seq.blocks for r in group],
                                        [r.seq.cross_kv for r in group])
                 for i, row in enumerate(group):
-                    if self._advance(row, logits[i]):
+                    if self._advance(row, logits[i][row.num_new - 1:row.num_new + len(row.drafts)]):
                         touched.append(row.seq.id)
             self.stats["steps"] += 1
             return touched
@@ -243,7 +243,7 @@ class Engine:
         """Every row's tokens in one packed forward: the weights are read once per step, nothing is padded."""
         per_row = forward_packed(self.backbone, self.pool, [self._feed(r) for r in rows],
                                  [r.seq.num_cached for r in rows], [r.seq.blocks for r in rows],
-                                 [r.seq.cross_kv for r in rows])
+                                 [r.seq.cross_kv for r in rows], tails=[_sampled(r) for r in rows])
         touched = [row.seq.id for row, logits in zip(rows, per_row) if self._advance(row, logits)]
         self.stats["steps"] += 1
         return touched
@@ -254,7 +254,8 @@ class Engine:
         if solo is None or solo.seq_id != seq.id or solo.length != seq.num_cached:
             self._flush_solo()
             solo = self._solo = SoloCache(seq.id, self.backbone, self.pool, seq.blocks, seq.num_cached)
-        logits = solo_forward(self.backbone, solo, self._feed(row), seq.cross_kv, self._compiled_step)
+        logits = solo_forward(self.backbone, solo, self._feed(row), seq.cross_kv, self._compiled_step,
+                              tail=_sampled(row))
         touched = [seq.id] if self._advance(row, logits) else []
         if seq.finished:
             self._solo = None
@@ -342,7 +343,8 @@ class Engine:
                 self.draft.rollback(r.seq, len(r.seq.tokens))
 
     def _advance(self, row: ScheduledRow, logits: torch.Tensor) -> bool:
-        """Book this step's forward for one row (logits (L, V)); sample/verify when its tokens are all in."""
+        """Book this step's forward for one row; when its tokens are all in, sample / verify from `logits`
+        (1 + len(drafts), V): those of its last fed token and of each draft (see _sampled)."""
         seq = row.seq
         if seq.finished:
             return False
@@ -353,7 +355,7 @@ class Engine:
         ends = end_ids(seq.params, self.eos_id)
         if row.drafts:
             context = seq.tokens
-            new, accepted = verify(logits[row.num_new - 1:row.num_new + len(row.drafts)], row.drafts, seq.params,
+            new, accepted = verify(logits, row.drafts, seq.params,
                                    context, seq.generator, row.draft_probs, len(seq.prompt), ends)
             self.stats["drafted"] += len(row.drafts)
             self.stats["accepted"] += accepted
@@ -361,11 +363,10 @@ class Engine:
             if self.draft is not None:
                 self.draft.rollback(seq, len(context) + min(accepted, len(row.drafts) - 1))
         else:
-            new = [sample_row(logits[row.num_new - 1], seq.params, seq.tokens, seq.generator, len(seq.prompt),
-                              ends)]
-        for j, token in enumerate(new):  # token j was chosen from logits[row.num_new - 1 + j]
+            new = [sample_row(logits[0], seq.params, seq.tokens, seq.generator, len(seq.prompt), ends)]
+        for j, token in enumerate(new):  # token j was chosen from logits[j]
             if seq.params.logprobs is not None:
-                seq.logprobs.append(token_logprobs(logits[row.num_new - 1 + j], token, seq.params.logprobs))
+                seq.logprobs.append(token_logprobs(logits[j], token, seq.params.logprobs))
             before = len(seq.output)
             done = commit_token(seq, token, self.eos_id, self.tokenizer)
             self.stats["generated_tokens"] += len(seq.output) - before
@@ -428,6 +429,12 @@ class Engine:
             if not seq.finished:
                 self.abort(request_id)
             self._seqs.pop(request_id, None)
+
+
+def _sampled(row: ScheduledRow) -> int:
+    """How many of a row's last fed tokens are sampled from: its last token and each draft once the row's tokens
+    are all in, none for a prompt chunk that doesn't finish the prompt."""
+    return 1 + len(row.drafts) if row.completes else 0
 
 
 def _unread_tokens(seq) -> Iterator[int]:

@@ -28,15 +28,22 @@ def forward_paged(model: R1Model, pool: PagedKVPool, feeds: list[list[int]], cac
 
 @torch.inference_mode()
 def forward_packed(model: R1Model, pool: PagedKVPool, feeds: list[list[int]], cached: list[int],
-                   tables: list[list[int]], cross: list[dict | None] | None = None) -> list[torch.Tensor]:
+                   tables: list[list[int]], cross: list[dict | None] | None = None,
+                   tails: list[int] | None = None) -> list[torch.Tensor]:
     """The same as forward_paged for every row in ONE packed sequence (mmr1.engine.packed): returns each row's
-    logits (len(feeds[i]), V)."""
+    logits (len(feeds[i]), V), or with `tails` only those of its last tails[i] tokens (tails[i], V): the output
+    head then runs on the positions that are sampled from, not on every prompt token."""
     device = pool.keys[0].device
     view = PackedBatch(pool, tables, cached, [len(f) for f in feeds], cross, device)
     input_ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=device)[None]  # (1, N)
     positions = view.position_ids(model.cfg.max_seq_len - 1)
-    logits = model(input_ids, position_ids=positions, cache=view).logits[0]  # (N, V)
-    return [logits[o:o + len(f)] for o, f in zip(view.offsets, feeds)]
+    if tails is None:
+        logits = model(input_ids, position_ids=positions, cache=view).logits[0]  # (N, V)
+        return [logits[o:o + len(f)] for o, f in zip(view.offsets, feeds)]
+    keep = [i for o, f, t in zip(view.offsets, feeds, tails) for i in range(o + len(f) - t, o + len(f))]
+    logits = model(input_ids, position_ids=positions, cache=view,
+                   logits_at=torch.tensor(keep, dtype=torch.long, device=device)).logits[0]  # (sum tails, V)
+    return list(logits.split(tails))
 
 
 @torch.inference_mode()

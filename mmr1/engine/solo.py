@@ -174,7 +174,8 @@ def _shared(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor | float:
 
 
 def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: torch.Tensor,
-              positions: torch.Tensor, cross: dict | None, traced: bool = False) -> torch.Tensor:
+              positions: torch.Tensor, cross: dict | None, traced: bool = False, tail: int | None = None
+              ) -> torch.Tensor:
     """tokens (L,) at positions (L,) against per-layer K/V buffers (1, Hkv, C, Dh) -> logits (L, V); writes their
     K/V into the buffers. Shapes never depend on the position (K/V written with index_copy_, attention over the
     whole buffer under a mask), so with L = 1 and `traced` this is the graph `compile_decode` compiles.
@@ -206,15 +207,15 @@ def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tenso
             x = x + _moe_few(block.ffn, h)
         else:
             x = x + block.ffn(h[None])[0][0]
-    return model.lm_head(_norm(model.norm, x))  # (L, V)
+    return model.lm_head(_norm(model.norm, x if tail is None else x[L - tail:]))  # (L or tail, V)
 
 
 @torch.inference_mode()
 def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dict | None,
-                 compiled_step=None) -> torch.Tensor:
+                 compiled_step=None, tail: int | None = None) -> torch.Tensor:
     """Feed `tokens` (a decode token, + speculative drafts, or a prompt chunk) at positions cache.length, ...;
-    returns their logits (L, V) and appends their K/V to the cache. `compiled_step`: torch.compile(solo_step),
-    used for single-token steps (EngineConfig.compile_decode)."""
+    returns their logits (L, V) -- or only the last `tail` tokens' -- and appends their K/V to the cache.
+    `compiled_step`: torch.compile(solo_step), used for single-token steps (EngineConfig.compile_decode)."""
     pos, L = cache.length, len(tokens)
     if pos + L > model.cfg.max_seq_len:
         raise ValueError(f"R1Model: {pos + L} positions exceed max_seq_len={model.cfg.max_seq_len}")
@@ -222,7 +223,10 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
     device = cache.keys[0].device
     args = (model, cache.keys, cache.values, torch.tensor(tokens, device=device),
             torch.arange(pos, pos + L, device=device), cross)
-    logits = compiled_step(*args, traced=True) if compiled_step is not None and L == 1 else solo_step(*args)
+    if compiled_step is not None and L == 1:
+        logits = compiled_step(*args, traced=True)[L - (L if tail is None else tail):]
+    else:
+        logits = solo_step(*args, tail=tail)
     cache.length = pos + L
     return logits
 

@@ -93,18 +93,19 @@ class DraftModel:
             rows = [i for i in live if step < ks[i]]
             if not rows:
                 break
-            if solo is not None:
-                seq = seqs[rows[0]]
-                logits = solo_forward(self.model, solo, feeds[rows[0]], seq.draft_cross_kv)[None]  # (1, L, V)
-            else:  # (B, L, V) padded or a list of (L_i, V): row r's logits are logits[r] either way
-                forward = forward_packed if self._packed else forward_paged
-                logits = forward(self.model, self.pool, [feeds[i] for i in rows],
-                                 [seqs[i].draft_cached for i in rows], [seqs[i].draft_blocks for i in rows],
-                                 [seqs[i].draft_cross_kv for i in rows])
+            args = ([feeds[i] for i in rows], [seqs[i].draft_cached for i in rows],
+                    [seqs[i].draft_blocks for i in rows], [seqs[i].draft_cross_kv for i in rows])
+            if solo is not None:  # each row's last-token logits: lasts[r] (V,)
+                lasts = solo_forward(self.model, solo, args[0][0], args[3][0], tail=1)
+            elif self._packed:
+                lasts = [t[-1] for t in forward_packed(self.model, self.pool, *args, tails=[1] * len(rows))]
+            else:  # right-padded (B, L, V)
+                padded = forward_paged(self.model, self.pool, *args)
+                lasts = [padded[r, len(feeds[i]) - 1] for r, i in enumerate(rows)]
             for r, i in enumerate(rows):
                 seq = seqs[i]
                 seq.draft_cached += len(feeds[i])
-                last = logits[r][len(feeds[i]) - 1]
+                last = lasts[r]
                 # q may be any distribution the draft samples from; penalties as the target's make it closer
                 q = processed_probs(last, seq.params, seq.tokens + drafts[i], len(seq.prompt))
                 token = int(q.argmax()) if seq.params.greedy else int(torch.multinomial(q, 1, generator=seq.generator))
