@@ -6,7 +6,8 @@
 #        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #        open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 \
 #        jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0
-#   2. device run: command "bash benchmarks/gpu_run.sh", carry [".whl"], timeout_s 540 (about 5 minutes of work).
+#   2. device run: command "bash benchmarks/gpu_run.sh", carry [".whl"], timeout_s 540 (each step has its own timeout,
+#      480 s in all; gpu_checks keeps what finished if a later stage overruns).
 # What comes back under $OUT (8 files at most): gpu_checks.{json,md} (kernel and engine exactness on the GPU,
 # continuous vs static, low-latency P99), moe_gpu.{json,md} (benchmarks/moe.py in bf16 on the GPU), fit.log (the
 # demo recipe trained for 60 steps in bf16-mixed on the GPU), machine.txt and run.log.
@@ -34,8 +35,8 @@ else
     device=cuda quick= moe_args="--dtypes bf16 --budget 1.5"
     fit_args="--trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.max_steps 60"
 fi
-step timeout 240 python3 -m benchmarks.gpu_checks --device $device $quick --out "$OUT/gpu_checks"
-step timeout 150 python3 -m benchmarks.moe --device $device $moe_args --out "$OUT/moe_gpu"
+step timeout 200 python3 -m benchmarks.gpu_checks --device $device $quick --out "$OUT/gpu_checks"
+step timeout 120 python3 -m benchmarks.moe --device $device $moe_args --out "$OUT/moe_gpu"
 data=/tmp/mmr1_gpu_data run=/tmp/mmr1_gpu_run
 step python3 -m mmr1.cli data synth --out "$data" --num-train 512 --num-val 32 --num-test 32 --overwrite
 mkdir -p "$run"
@@ -52,6 +53,6 @@ cfg["model"]["tokenizer"] = f"{data}/tokenizer.json"
 cfg["data"].update({f"{split}_manifest": f"{data}/{split}.jsonl" for split in ("train", "val", "test")})
 yaml.safe_dump(cfg, open(f"{run}/demo.yaml", "w"), sort_keys=False)
 PY
-step timeout 150 python3 -m mmr1.cli fit --config "$run/demo.yaml" $fit_args > "$OUT/fit.log" 2>&1
+step timeout 120 python3 -m mmr1.cli fit --config "$run/demo.yaml" $fit_args > "$OUT/fit.log" 2>&1
 tail -n 25 "$OUT/fit.log"
 exit $status
