@@ -48,6 +48,26 @@ def test_logprobs_are_the_log_softmax_of_a_full_forward(setup):
     assert Engine(model).generate([PROMPTS[0]], SamplingParams(max_new_tokens=2))[0].logprobs is None
 
 
+@pytest.mark.parametrize("config", [dict(SMALL), dict(SMALL, packed_steps=False), dict(block_size=4, num_blocks=7)])
+def test_prompt_logprobs_score_every_prompt_token_once(config):
+    """Chunked prefill (packed and padded) and preemption with recompute (7 blocks for 3 growing requests)."""
+    model = tiny_model(cross_attn_layers=())
+    prompts = [p * 2 for p in PROMPTS[:3]]  # 8, 2 and 14 tokens
+    engine = Engine(model, config=EngineConfig(**config))
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=10, prompt_logprobs=2, logprobs=1))
+    for prompt, out in zip(prompts, outs):
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        logp = torch.log_softmax(full_logits(model, prompt), dim=-1)
+        for p in range(1, len(prompt)):
+            entry, ref = out.prompt_logprobs[p], logp[p - 1]
+            assert set(entry) == set(ref.topk(2).indices.tolist()) | {prompt[p]}
+            assert all(v == pytest.approx(ref[t].item(), abs=1e-4) for t, v in entry.items())
+        assert len(out.logprobs) == 10
+    if "num_blocks" in config:
+        assert engine.scheduler.num_preemptions > 0
+    assert outs[0].token_ids == Engine(model).generate([prompts[0]], SamplingParams(max_new_tokens=10))[0].token_ids
+
+
 @pytest.mark.parametrize("setup", SETUPS)
 def test_min_tokens_holds_back_stop_tokens(setup):
     model = tiny_model(cross_attn_layers=())
@@ -102,7 +122,8 @@ def test_min_p_matches_transformers_and_seeded_engine_sampling_matches_generate(
 @pytest.mark.parametrize("bad, field", [({"presence_penalty": 2.5}, "presence_penalty"),
                                          ({"frequency_penalty": -3}, "frequency_penalty"),
                                          ({"min_p": 1.5}, "min_p"), ({"min_tokens": 9}, "min_tokens"),
-                                         ({"logprobs": -1}, "logprobs")])
+                                         ({"logprobs": -1}, "logprobs"),
+                                         ({"prompt_logprobs": -2}, "prompt_logprobs")])
 def test_sampling_params_refuse_bad_values_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(max_new_tokens=8, **bad)

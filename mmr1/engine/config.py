@@ -28,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # ... and -= frequency x its count
     min_tokens: int = 0  # eos, stop tokens and stop strings cannot end the request before this many tokens
     logprobs: Optional[int] = None  # per token: its log-probability and the top-N alternatives' (0 = only its own)
+    prompt_logprobs: Optional[int] = None  # the same for each prompt token after the first (scoring a text)
     seed: Optional[int] = None  # per-request generator: same seed -> same sample, whatever else is batched
     stop_token_ids: list[int] = field(default_factory=list)  # finish when one is produced (it is not returned)
     stop: list[str] = field(default_factory=list)  # finish when the decoded text contains one (text is cut there)
@@ -48,8 +49,9 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"SamplingParams: min_tokens={self.min_tokens} must be in [0, max_new_tokens="
                              f"{self.max_new_tokens}]")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"SamplingParams: logprobs={self.logprobs} must be >= 0 (or None)")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"SamplingParams: {name}={getattr(self, name)} must be >= 0 (or None)")
 
     @property
     def greedy(self) -> bool:

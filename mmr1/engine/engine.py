@@ -234,7 +234,8 @@ class Engine:
                                        [r.seq.num_cached for r in group], [r.seq.blocks for r in group],
                                        [r.seq.cross_kv for r in group])
                 for i, row in enumerate(group):
-                    if self._advance(row, logits[i][row.num_new - 1:row.num_new + len(row.drafts)]):
+                    fed = row.num_new + len(row.drafts)
+                    if self._advance(row, logits[i][fed - _sampled(row):fed]):
                         touched.append(row.seq.id)
             self.stats["steps"] += 1
             return touched
@@ -321,6 +322,15 @@ class Engine:
         seq = row.seq
         return seq.tokens[seq.num_cached:seq.num_cached + row.num_new] + row.drafts
 
+    def _record_prompt_logprobs(self, row: ScheduledRow, logits: torch.Tensor) -> None:
+        """Fed prompt token p predicts prompt token p + 1 (logits hold every fed token here, see _sampled);
+        each is recorded once, also when a preempted request's prompt is computed again."""
+        seq, top = row.seq, row.seq.params.prompt_logprobs
+        for i in range(row.num_new):
+            target = seq.num_cached + i + 1
+            if target < len(seq.prompt) and target == len(seq.prompt_logprobs):
+                seq.prompt_logprobs.append(token_logprobs(logits[i], seq.prompt[target], top))
+
     def _add_drafts(self, rows: list[ScheduledRow]) -> None:
         spec, max_len = self.cfg.speculative, self.backbone.cfg.max_seq_len
         decoding = [r for r in rows if r.num_new == 1 and r.completes]
@@ -343,15 +353,18 @@ class Engine:
                 self.draft.rollback(r.seq, len(r.seq.tokens))
 
     def _advance(self, row: ScheduledRow, logits: torch.Tensor) -> bool:
-        """Book this step's forward for one row; when its tokens are all in, sample / verify from `logits`
-        (1 + len(drafts), V): those of its last fed token and of each draft (see _sampled)."""
+        """Book this step's forward for one row, given the logits of its last _sampled(row) fed tokens; when its
+        tokens are all in, sample / verify from the last 1 + len(drafts) of them."""
         seq = row.seq
         if seq.finished:
             return False
+        if seq.params.prompt_logprobs is not None:
+            self._record_prompt_logprobs(row, logits)
         complete = row.completes
         seq.num_cached += row.num_new
         if not complete:
             return False  # a prompt chunk: nothing to sample yet
+        logits = logits[len(logits) - 1 - len(row.drafts):]  # (1 + len(drafts), V)
         ends = end_ids(seq.params, self.eos_id)
         if row.drafts:
             context = seq.tokens
@@ -432,8 +445,11 @@ class Engine:
 
 
 def _sampled(row: ScheduledRow) -> int:
-    """How many of a row's last fed tokens are sampled from: its last token and each draft once the row's tokens
-    are all in, none for a prompt chunk that doesn't finish the prompt."""
+    """How many of a row's last fed tokens need logits: its last token and each draft once the row's tokens are
+    all in, none for a prompt chunk that doesn't finish the prompt -- or every fed token while a request that asks
+    for prompt_logprobs computes its prompt."""
+    if row.seq.params.prompt_logprobs is not None and row.seq.num_cached < len(row.seq.prompt):
+        return row.num_new + len(row.drafts)
     return 1 + len(row.drafts) if row.completes else 0
 
 

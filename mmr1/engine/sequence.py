@@ -32,6 +32,8 @@ class RequestOutput:
     finish_time: float | None = None
     # SamplingParams.logprobs: per returned token {token id: log-probability} (it and the top-N alternatives)
     logprobs: list[dict[int, float]] | None = None
+    # SamplingParams.prompt_logprobs: the same per prompt token; None for the first (nothing predicts it)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def latency(self) -> float | None:
@@ -47,6 +49,7 @@ class Sequence:
     status: Status = Status.WAITING
     output: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)  # one per output token, when asked for
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])  # one per prompt token
     text: str | None = None
     finish_reason: str | None = None
     error: BaseException | None = None
@@ -91,4 +94,5 @@ class Sequence:
     def result(self) -> RequestOutput:
         return RequestOutput(self.id, list(self.prompt), list(self.output), self.text, self.finish_reason,
                              self.error, self.arrival_time, self.first_token_time, self.finish_time,
-                             list(self.logprobs) if self.params.logprobs is not None else None)
+                             list(self.logprobs) if self.params.logprobs is not None else None,
+                             list(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None)
