@@ -58,6 +58,25 @@ class Pipeline:
         answers = self._answer(questions, per_item, sampling)
         return answers if batched else answers[0]
 
+    def score(self, question: str, answers: Sequence[str], **inputs: Any) -> dict[str, float]:
+        """Log-probability of each candidate answer (its tokens and `<eos>`, as training formats them) given the
+        question and the inputs: multiple-choice evaluation. Each candidate is one engine request that reads its
+        prompt_logprobs (the inputs are encoded once per candidate)."""
+        unknown = sorted(set(inputs) - set(self.model.modalities))
+        if unknown:
+            raise TypeError(f"unknown input(s) {unknown}: this model takes {self.model.modalities}")
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        present = [m for m in self.model.modalities if m in inputs]
+        examples = [self.tokenizer.encode_example(question, answer, present) for answer in answers]
+        params = SamplingParams(max_new_tokens=1, prompt_logprobs=0, ignore_eos=True)
+        outputs = self.engine.generate([{"prompt": ids, **inputs} for ids, _ in examples], params)
+        scores = {}
+        for answer, (ids, labels), out in zip(answers, examples, outputs):
+            if out.error is not None:
+                raise out.error
+            scores[answer] = sum(out.prompt_logprobs[p][ids[p]] for p, label in enumerate(labels) if label >= 0)
+        return scores
+
     def _split_inputs(self, inputs: dict[str, Any], n: int, batched: bool) -> list[dict[str, Any]]:
         unknown = sorted(set(inputs) - set(self.model.modalities))
         if unknown:

@@ -171,3 +171,25 @@ def test_user_errors_are_one_line_and_exit_status_2(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("MMR1_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         main(["export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "x")])
+
+
+def test_pipeline_scores_answers_by_teacher_forced_log_probability(trained, tmp_path):
+    tmp, data, _ = trained
+    out = tmp_path / "export"
+    export_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt", out)
+    image = str(sorted((data / "images").glob("*.png"))[0])
+    qa = Pipeline.from_pretrained(out)
+    try:
+        scores = qa.score("What color is the shape?", ["red", "green", "dark blue"], image=image)
+    finally:
+        qa.close()
+    model, tokenizer = MultimodalR1.from_pretrained(out)
+    proc = model.encoders["image"].processor
+    modalities = {"image": {**proc.collate([proc(image)]), "present": torch.tensor([True])}}
+    for answer, score in scores.items():  # reference: one full forward over question + answer
+        ids, labels = tokenizer.encode_example("What color is the shape?", answer, ["image"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]), modalities=modalities).logits[0], dim=-1)
+        expected = sum(logp[p - 1, ids[p]].item() for p in range(1, len(ids)) if labels[p] >= 0)
+        assert score == pytest.approx(expected, abs=1e-3)
+        assert score < 0
