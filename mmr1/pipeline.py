@@ -62,20 +62,13 @@ class Pipeline:
         """Log-probability of each candidate answer (its tokens and `<eos>`, as training formats them) given the
         question and the inputs: multiple-choice evaluation. Each candidate is one engine request that reads its
         prompt_logprobs (the inputs are encoded once per candidate)."""
-        unknown = sorted(set(inputs) - set(self.model.modalities))
-        if unknown:
-            raise TypeError(f"unknown input(s) {unknown}: this model takes {self.model.modalities}")
-        inputs = {k: v for k, v in inputs.items() if v is not None}
+        inputs = self._split_inputs(inputs, 1, batched=False)[0]
         present = [m for m in self.model.modalities if m in inputs]
         examples = [self.tokenizer.encode_example(question, answer, present) for answer in answers]
         params = SamplingParams(max_new_tokens=1, prompt_logprobs=0, ignore_eos=True)
-        outputs = self.engine.generate([{"prompt": ids, **inputs} for ids, _ in examples], params)
-        scores = {}
-        for answer, (ids, labels), out in zip(answers, examples, outputs):
-            if out.error is not None:
-                raise out.error
-            scores[answer] = sum(out.prompt_logprobs[p][ids[p]] for p, label in enumerate(labels) if label >= 0)
-        return scores
+        outputs = self._run([{"prompt": ids, **inputs} for ids, _ in examples], params)
+        return {answer: sum(out.prompt_logprobs[p][ids[p]] for p, label in enumerate(labels) if label >= 0)
+                for answer, (ids, labels), out in zip(answers, examples, outputs)}
 
     def _split_inputs(self, inputs: dict[str, Any], n: int, batched: bool) -> list[dict[str, Any]]:
         unknown = sorted(set(inputs) - set(self.model.modalities))
@@ -99,11 +92,15 @@ class Pipeline:
 
     def _answer(self, questions: list[str], per_item: list[dict[str, Any]], params: SamplingParams) -> list[str]:
         # Each request gets its own generator seeded with params.seed: a question's sample doesn't depend on the batch.
-        outputs = self.engine.generate([{"prompt": q, **inputs} for q, inputs in zip(questions, per_item)], params)
+        outputs = self._run([{"prompt": q, **inputs} for q, inputs in zip(questions, per_item)], params)
+        return [out.text for out in outputs]
+
+    def _run(self, requests: list[dict[str, Any]], params: SamplingParams) -> list:
+        outputs = self.engine.generate(requests, params)
         for out in outputs:  # the first bad input, naming its batch item
             if out.error is not None:
                 raise out.error
-        return [out.text for out in outputs]
+        return outputs
 
 
 __all__ = ["Pipeline", "InputError"]

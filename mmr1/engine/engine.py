@@ -378,11 +378,12 @@ class Engine:
         else:
             new = [sample_row(logits[0], seq.params, seq.tokens, seq.generator, len(seq.prompt), ends)]
         for j, token in enumerate(new):  # token j was chosen from logits[j]
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(token_logprobs(logits[j], token, seq.params.logprobs))
             before = len(seq.output)
-            done = commit_token(seq, token, self.eos_id, self.tokenizer)
-            self.stats["generated_tokens"] += len(seq.output) - before
+            done = commit_token(seq, token, ends, self.tokenizer)
+            if len(seq.output) > before:  # returned (a stop token is not, nor its logprobs)
+                self.stats["generated_tokens"] += 1
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(token_logprobs(logits[j], token, seq.params.logprobs))
             if done:
                 break
         if seq.finished:

@@ -224,7 +224,8 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
     args = (model, cache.keys, cache.values, torch.tensor(tokens, device=device),
             torch.arange(pos, pos + L, device=device), cross)
     if compiled_step is not None and L == 1:
-        logits = compiled_step(*args, traced=True)[L - (L if tail is None else tail):]
+        logits = compiled_step(*args, traced=True)
+        logits = logits if tail is None else logits[L - tail:]
     else:
         logits = solo_step(*args, tail=tail)
     cache.length = pos + L

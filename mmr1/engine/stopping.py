@@ -14,15 +14,13 @@ def end_ids(params: SamplingParams, eos_id: int | None) -> tuple[int, ...]:
     return (*eos, *params.stop_token_ids)
 
 
-def commit_token(seq: Sequence, token: int, eos_id: int | None, tokenizer: Any) -> bool:
-    """Append one sampled token to seq's output or finish seq on it; True when the request is done."""
+def commit_token(seq: Sequence, token: int, ends: tuple[int, ...], tokenizer: Any) -> bool:
+    """Append one sampled token to seq's output, or finish seq on it (`ends`: end_ids); True when done."""
     if seq.first_token_time is None:
         seq.first_token_time = time.perf_counter()
     p = seq.params
-    if token in end_ids(p, eos_id):
+    if token in ends:
         seq.finish("stop")
-        if seq.logprobs:
-            seq.logprobs.pop()  # the stop token is not returned, nor its logprobs
     else:
         seq.output.append(token)
         if p.stop and len(seq.output) >= p.min_tokens and _cut_at_stop_string(seq, tokenizer):
