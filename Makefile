@@ -50,6 +50,7 @@ bench: $(STAMP) bench-long
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
 	$(PY) -m benchmarks.engine --out benchmarks/results/engine
 	$(PY) -m benchmarks.moe_few_tokens --out benchmarks/results/moe_few_tokens
+	$(PY) -m benchmarks.prefix_cache --out benchmarks/results/prefix_cache
 
 # full vs sliding vs hybrid attention at 1K-64K tokens, KV cache and decode at 16K (~13 min on 2 shared cores)
 bench-long: $(STAMP)

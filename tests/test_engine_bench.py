@@ -23,3 +23,18 @@ def test_engine_benchmark_quick_run_writes_every_item(tmp_path):
         assert f"\n| {item} |" in table
     assert all(d["greedy_token_agreement"] > 0.9 and d["speedup"] > 0 for d in result["decode"])
     assert result["continuous_vs_static"]["throughput_ratio"] > 0 and result["async_encoding"]["speedup"] > 0
+
+
+def test_prefix_cache_benchmark_quick_run(tmp_path):
+    from benchmarks.prefix_cache import main
+
+    result = main(["--quick", "--rounds", "1", "--out", str(tmp_path / "prefix_cache")])
+    assert json.loads((tmp_path / "prefix_cache.json").read_text())["turns"] == 2
+    for workload in ("system_prompt_offline", "system_prompt_stream", "multi_turn"):
+        w = result[workload]
+        assert w["off"]["hit_rate"] == 0 and w["on"]["hit_rate"] > 0.3  # shared prefixes found, and only with it on
+    # greedy outputs unchanged by the cache; a streamed workload's batches depend on timing, so a near-tie could
+    # round the other way there (one tolerated), the others are deterministic
+    for workload in ("system_prompt_offline", "multi_turn"):
+        assert result[workload]["identical_outputs"] == result[workload]["n_outputs"]
+    assert result["system_prompt_stream"]["identical_outputs"] >= result["system_prompt_stream"]["n_outputs"] - 1

@@ -95,6 +95,9 @@ class EngineConfig:
     # One forward per step over every row's tokens packed end to end (mmr1/engine/packed.py) where the model allows
     # it (all self-attention layers full causal); False runs padded groups, the path sliding/hybrid models take.
     packed_steps: bool = True
+    # Reuse the KV blocks of a prompt prefix another request computed (same tokens, same image/audio): vLLM's
+    # automatic prefix caching (mmr1/engine/prefix_cache.py). Finished requests' blocks stay cached until evicted.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("model", "int8"):

@@ -25,6 +25,7 @@ from mmr1.backbone import R1Model
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool
+from mmr1.engine.prefix_cache import modality_key
 from mmr1.engine.packed import packable
 from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forward_paged, fuse_one
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
@@ -130,6 +131,8 @@ class Engine:
             seq = Sequence(next(self._ids), ids, params, make_generator(params.seed))
             if cross_states is not None:
                 seq.cross_states = (cross_states if cross_states.dim() == 3 else cross_states[None]).to(self.dtype)
+            if cross_states is not None or not inputs:  # else: keyed once its encodings are in (async only)
+                seq.cache_key = modality_key(seq.cross_states)
             self._seqs[seq.id] = seq
             if params.max_new_tokens == 0:
                 seq.text = "" if self.tokenizer is not None else None
@@ -192,6 +195,8 @@ class Engine:
                 "encoding": len(self.scheduler.encoding), "kv_blocks_used": used,
                 "kv_blocks_total": self.allocator.num_blocks, "kv_cache_usage": used / self.allocator.num_blocks,
                 "preemptions": self.scheduler.num_preemptions, **self.stats,
+                "prefix_cache_hit_rate": (self.scheduler.prefix_hit_tokens / self.scheduler.prefix_queried_tokens
+                                          if self.scheduler.prefix_queried_tokens else None),
                 "acceptance_rate": self.stats["accepted"] / drafted if drafted else None}
 
     def check_no_leaks(self) -> None:
@@ -257,7 +262,7 @@ class Engine:
             solo = self._solo = SoloCache(seq.id, self.backbone, self.pool, seq.blocks, seq.num_cached)
         logits = solo_forward(self.backbone, solo, self._feed(row), seq.cross_kv, self._compiled_step,
                               tail=_sampled(row))
-        touched = [seq.id] if self._advance(row, logits) else []
+        touched = [seq.id] if self._advance(row, logits, in_pool=False) else []
         if seq.finished:
             self._solo = None
         else:
@@ -273,6 +278,7 @@ class Engine:
         seq = self._seqs.get(solo.seq_id)
         if seq is not None and not seq.finished and seq.status == Status.RUNNING and seq.num_cached == solo.length:
             solo.flush(self.pool, seq.blocks)
+            self.scheduler.register_cached(seq, solo.length)
 
     def _collect_encoded(self) -> None:
         for seq in list(self.scheduler.encoding):
@@ -290,6 +296,7 @@ class Engine:
                 seq.finish("error", err)
                 continue
             seq.futures = seq.draft_futures = None
+            seq.cache_key = modality_key(seq.cross_states)
             seq.status = Status.WAITING
             self.scheduler.waiting.append(seq)
 
@@ -352,9 +359,10 @@ class Engine:
             elif self.draft is not None:  # no room for the drafts: keep only the committed tokens' draft K/V
                 self.draft.rollback(r.seq, len(r.seq.tokens))
 
-    def _advance(self, row: ScheduledRow, logits: torch.Tensor) -> bool:
+    def _advance(self, row: ScheduledRow, logits: torch.Tensor, in_pool: bool = True) -> bool:
         """Book this step's forward for one row, given the logits of its last _sampled(row) fed tokens; when its
-        tokens are all in, sample / verify from the last 1 + len(drafts) of them."""
+        tokens are all in, sample / verify from the last 1 + len(drafts) of them. `in_pool`: the forward wrote its
+        K/V to the pool (not only to the batch-1 fast path's copy), so full blocks can be published for reuse."""
         seq = row.seq
         if seq.finished:
             return False
@@ -363,6 +371,8 @@ class Engine:
         complete = row.completes
         seq.num_cached += row.num_new
         if not complete:
+            if in_pool:
+                self.scheduler.register_cached(seq, seq.num_cached)
             return False  # a prompt chunk: nothing to sample yet
         logits = logits[len(logits) - 1 - len(row.drafts):]  # (1 + len(drafts), V)
         ends = end_ids(seq.params, self.eos_id)
@@ -387,10 +397,25 @@ class Engine:
             if done:
                 break
         if seq.finished:
-            self.scheduler.remove(seq)
+            self._retire(seq, in_pool)
         else:
             self.scheduler.trim(seq)
+            if in_pool:
+                self.scheduler.register_cached(seq, seq.num_cached)
         return True
+
+    def _retire(self, seq: Sequence, in_pool: bool) -> None:
+        """Free a finished request's memory, first publishing its full blocks for later requests (a request the
+        fast path ran writes its K/V to the pool first: the next one with the same prompt starts from them)."""
+        solo = self._solo
+        if (not in_pool and solo is not None and solo.seq_id == seq.id and seq.cache_key is not None
+                and self.cfg.enable_prefix_caching):
+            solo.truncate(seq.num_cached)
+            solo.flush(self.pool, seq.blocks)
+            in_pool = True
+        if in_pool:
+            self.scheduler.register_cached(seq, seq.num_cached)
+        self.scheduler.remove(seq)
 
     # ---- fronts -------------------------------------------------------------------------------------------
     def iter_tokens(self, request_id: int) -> Iterator[int]:

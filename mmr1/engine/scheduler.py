@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig
+from mmr1.engine.prefix_cache import extend_block_hashes
 from mmr1.engine.sequence import Sequence, Status
 
 
@@ -41,6 +42,7 @@ class Scheduler:
         self.encoding: list[Sequence] = []  # modality inputs still in the encoder workers
         self.running: list[Sequence] = []  # admission order: the last is the newest (preempted first)
         self.num_preemptions = 0
+        self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # tokens admitted / found in the prefix cache
 
     @property
     def num_queued(self) -> int:
@@ -60,18 +62,73 @@ class Scheduler:
         if self.cfg.scheduling == "static" and self.running:
             return []  # static batching: the next batch starts when the whole current one is done
         admitted = []
+        in_flight = self._blocks_in_flight() if self.waiting and self.cfg.enable_prefix_caching else set()
         while self.waiting and len(self.running) < self.cfg.max_batch:
             seq = self.waiting[0]
-            need = blocks_for(len(seq.tokens) + 1, self.cfg.block_size) - len(seq.blocks)
-            if not self.allocator.can_allocate(need):
+            hit = self._cached_prefix(seq)
+            if self._waits_for(seq, hit, in_flight):
+                break  # a running request is computing its next blocks: start from them a step or two later
+            held = len(seq.blocks) + len(hit)
+            need = blocks_for(len(seq.tokens) + 1, self.cfg.block_size) - held
+            if not self.allocator.can_allocate(need + self.allocator.num_evictable(hit)):
                 break  # FIFO: don't let later, smaller requests starve the head of the queue
             self.waiting.popleft()
-            seq.blocks += self.allocator.allocate(seq.id, blocks_for(len(seq.tokens), self.cfg.block_size)
-                                                  - len(seq.blocks))
+            if hit:
+                self.allocator.share(seq.id, hit)
+                seq.blocks, seq.num_cached = hit, len(hit) * self.cfg.block_size
+            seq.blocks += self.allocator.allocate(seq.id, blocks_for(len(seq.tokens), self.cfg.block_size) - held)
+            self.prefix_queried_tokens += len(seq.tokens)
+            self.prefix_hit_tokens += seq.num_cached
+            in_flight |= self._pending_blocks(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
         return admitted
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks seq can start from: whole blocks of its tokens, leaving at least its last token to
+        compute (its logits give the next token, and a shared block is never written). None while a request that
+        asks for prompt_logprobs still needs them (they come from computing the prompt)."""
+        if not self._may_reuse(seq):
+            return []
+        tokens, bs = seq.tokens, self.cfg.block_size
+        hashes = extend_block_hashes(seq.block_hashes, tokens, bs, seq.cache_key)
+        return self.allocator.cached_prefix(hashes[:(len(tokens) - 1) // bs])
+
+    def _may_reuse(self, seq: Sequence) -> bool:
+        if seq.cache_key is None or not self.cfg.enable_prefix_caching or seq.blocks:
+            return False
+        return seq.params.prompt_logprobs is None or len(seq.prompt_logprobs) == len(seq.prompt)
+
+    def _pending_blocks(self, seq: Sequence) -> set[bytes]:
+        """Hashes of the full blocks of seq's known tokens whose K/V it has yet to compute."""
+        if seq.cache_key is None or seq.num_cached >= len(seq.tokens):
+            return set()
+        bs = self.cfg.block_size
+        hashes = extend_block_hashes(seq.block_hashes, seq.tokens, bs, seq.cache_key)
+        return set(hashes[seq.num_cached // bs:len(seq.tokens) // bs])
+
+    def _blocks_in_flight(self) -> set[bytes]:
+        return set().union(*(self._pending_blocks(seq) for seq in self.running))
+
+    def _waits_for(self, seq: Sequence, hit: list[int], in_flight: set[bytes]) -> bool:
+        """Whether seq's next uncached block is one a running request is computing right now (requests with a
+        common prompt arriving together: the first computes the prefix, the others reuse it instead of each
+        computing it again in the same step)."""
+        if not in_flight or not self._may_reuse(seq):
+            return False
+        usable = (len(seq.tokens) - 1) // self.cfg.block_size
+        return len(hit) < usable and seq.block_hashes[len(hit)] in in_flight
+
+    def register_cached(self, seq: Sequence, num_in_pool: int) -> None:
+        """Publish seq's full blocks whose K/V are in the pool (tokens [0, num_in_pool)) for later requests."""
+        if seq.cache_key is None or not self.cfg.enable_prefix_caching:
+            return
+        bs = self.cfg.block_size
+        full = min(num_in_pool, seq.num_cached) // bs
+        hashes = extend_block_hashes(seq.block_hashes, seq.tokens[:full * bs], bs, seq.cache_key)
+        for block, prefix_hash in zip(seq.blocks[:full], hashes[:full]):
+            self.allocator.register(block, prefix_hash)
 
     # ---- one step's batch ------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledRow]:

@@ -57,6 +57,10 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
     draft_blocks: list[int] = field(default_factory=list)
+    # Prefix caching: None = not cacheable; else the modality key (mmr1.engine.prefix_cache) and the chain hashes
+    # of the full blocks of `tokens` computed so far.
+    cache_key: bytes | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
     draft_cached: int = 0
     # Modality memory: fused tokens (1, T, dim) until admission, then per-layer cross-attention K/V.
     futures: dict[str, Future] | None = None
