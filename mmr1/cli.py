@@ -6,6 +6,7 @@
                 [--merge-lora]                                   #   (file or sharded dir; LoRA merged)
     mmr1 evaluate --model runs/demo/export --manifest data/demo/test.jsonl
     mmr1 ask --model runs/demo/export "What color is the shape?" --image x.png  # QA from the shell
+    mmr1 serve --model runs/demo/export --port 8000              # OpenAI-compatible HTTP server
 
 A bad input (missing file, malformed manifest, existing output) is one line on stderr and exit status 2;
 MMR1_TRACEBACK=1 shows the full stack instead.
@@ -13,6 +14,7 @@ MMR1_TRACEBACK=1 shows the full stack instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Sequence
@@ -32,6 +34,7 @@ models and data
   export     mmr1 export --checkpoint last.ckpt --output DIR     -> config.json, model.safetensors, tokenizer.json
   evaluate   mmr1 evaluate --model DIR --manifest test.jsonl     held-out accuracy per question type
   ask        mmr1 ask --model DIR "What color is the shape?" --image x.png [--audio y.wav]
+  serve      mmr1 serve --model DIR [--port 8000]     OpenAI-compatible HTTP server (pip install 'mmr1[serve]')
 
 `mmr1 <command> --help` describes a command; `mmr1 --version` prints the version."""
 
@@ -48,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"mmr1 {__version__}")
         return 0
-    commands = {"data": data_main, "export": export_main, "evaluate": evaluate_main, "ask": ask_main}
+    commands = {"data": data_main, "export": export_main, "evaluate": evaluate_main, "ask": ask_main,
+                "serve": serve_main}
     if command in commands:
         from data_pipelines.errors import InputError
 
@@ -166,6 +170,32 @@ def ask_main(argv: list[str]) -> int:
     finally:
         qa.close()
     print(answer)
+    return 0
+
+
+def serve_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmr1 serve", description="Serve an exported model over an "
+                                     "OpenAI-compatible HTTP API (docs/serving.md)")
+    parser.add_argument("--model", required=True, help="exported model directory (mmr1 export)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
+    parser.add_argument("--profile", help="engine profile YAML, e.g. configs/profiles/low_latency.yaml")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+    for module in ("fastapi", "uvicorn"):  # the optional dependencies: imported here, never when mmr1 is
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            print(f"mmr1 serve: needs FastAPI and uvicorn ({err}); pip install 'mmr1[serve]'", file=sys.stderr)
+            return 2
+
+    from mmr1.engine import load_profile
+    from mmr1.serve import serve
+
+    engine_config = load_profile(args.profile) if args.profile else None
+    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+          engine_config=engine_config, device=args.device)
     return 0
 
 

@@ -7,6 +7,7 @@ per-request sampling and speculative decoding.
     engine.output(rid).text
     outs = engine.generate(["q1", {"prompt": "q2", "audio": "b.wav"}])           # offline batch
     async for tok in engine.stream("q", image="a.png"): ...                       # servers
+    async for out in engine.follow(rid): ...                                      # ... RequestOutputs as they grow
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ class Engine:
         self._seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._async_lock: asyncio.Lock | None = None
+        self._async_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self.stats = {"steps": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -451,23 +452,50 @@ class Engine:
     async def stream(self, prompt: str | Seq[int], **kwargs: Any) -> AsyncIterator[int]:
         """`async for token in engine.stream(prompt, image=..., sampling=...)`. Concurrent streams share the
         engine's steps (one runs in a worker thread at a time); leaving the loop early aborts the request."""
-        if self._async_lock is None:
-            self._async_lock = asyncio.Lock()
-        request_id = self.add_request(prompt, **kwargs)
+        outputs = self.follow(self.add_request(prompt, **kwargs))
+        sent = 0
+        try:
+            async for out in outputs:
+                for token in out.token_ids[sent:]:
+                    yield token
+                sent = len(out.token_ids)
+        finally:
+            await outputs.aclose()
+
+    async def follow(self, request_id: int) -> AsyncIterator[RequestOutput]:
+        """An added request's RequestOutput each time it advances (its tokens so far), the last one finished (text,
+        finish_reason, logprobs); what servers build on, like vLLM's AsyncLLMEngine.generate. Steps as `stream`
+        does; the engine forgets the request afterwards, and leaving the loop early aborts it. A request that
+        failed (e.g. an unreadable image) raises its error."""
         seq = self._seqs[request_id]
         try:
             while True:
-                for token in _unread_tokens(seq):
-                    yield token
-                if _ended(seq):
-                    return
-                async with self._async_lock:
+                async with self._step_lock():
                     if seq.read == len(seq.output) and not seq.finished:
                         await asyncio.to_thread(self.step)
+                    with self._lock:  # a step whose stream was cancelled may still be running in its thread
+                        advanced = seq.read < len(seq.output) or seq.finished
+                        seq.read = len(seq.output)
+                        out = seq.result() if advanced else None
+                if out is None:
+                    continue
+                if out.error is not None:
+                    raise out.error
+                yield out
+                if out.finish_reason is not None:
+                    return
         finally:
             if not seq.finished:
                 self.abort(request_id)
             self._seqs.pop(request_id, None)
+
+    def _step_lock(self) -> asyncio.Lock:
+        """The lock that lets one stream at a time step the engine; one per event loop (an asyncio.Lock is bound to
+        the loop it first waits in, and an engine may outlive one: asyncio.run twice, test clients)."""
+        loop = asyncio.get_running_loop()
+        if self._async_lock is None or self._async_lock[0] is not loop:
+            self._async_lock = (loop, asyncio.Lock())
+        return self._async_lock[1]
 
 
 def _sampled(row: ScheduledRow) -> int:
