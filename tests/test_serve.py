@@ -168,7 +168,9 @@ def test_completions_with_logprobs_match_the_engine(client, qa):
     for top, engine_top, logprob in zip(logprobs["top_logprobs"], expected.logprobs, chosen):
         assert max(top.values()) == pytest.approx(max(engine_top.values()))
         assert max(top.values()) >= logprob
-        assert set(top.values()) <= set(engine_top.values())  # keys are texts: same-text tokens share one
+        # keys are texts: same-text tokens share one (approx: the engine's prefix cache may have served the
+        # prompt's K/V to one of the two runs, which rounds the last bits differently)
+        assert all(any(v == pytest.approx(e, abs=1e-5) for e in engine_top.values()) for v in top.values())
     assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected.token_ids),
                              "total_tokens": len(ids) + len(expected.token_ids)}
