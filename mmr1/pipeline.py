@@ -42,12 +42,13 @@ class Pipeline:
 
     def __call__(self, question: str | Sequence[str], *, max_new_tokens: int = 16, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, sampling: SamplingParams | None = None,
-                 **inputs: Any) -> str | list[str]:
+                 **inputs: Any) -> str | list[str] | list[list[str]]:
         """Answer one question (-> str) or a list of questions (-> list[str]).
 
         Keyword inputs are modality keys of the model (`image=`, `audio=`, or a plug-in's key). For a batch each
         is a list aligned with the questions (None where an item lacks that modality). `sampling` (a full
-        SamplingParams: penalties, min_p, stop strings, ...) replaces the sampling keywords.
+        SamplingParams: penalties, min_p, stop strings, ...) replaces the sampling keywords; with its `n` > 1 each
+        answer is a list of n sampled strings.
         """
         batched = not isinstance(question, str)
         questions = list(question) if batched else [question]
@@ -93,7 +94,7 @@ class Pipeline:
     def _answer(self, questions: list[str], per_item: list[dict[str, Any]], params: SamplingParams) -> list[str]:
         # Each request gets its own generator seeded with params.seed: a question's sample doesn't depend on the batch.
         outputs = self._run([{"prompt": q, **inputs} for q, inputs in zip(questions, per_item)], params)
-        return [out.text for out in outputs]
+        return [out.text if out.samples is None else [s.text for s in out.samples] for out in outputs]
 
     def _run(self, requests: list[dict[str, Any]], params: SamplingParams) -> list:
         outputs = self.engine.generate(requests, params)

@@ -158,32 +158,42 @@ class Reply:
         self.created = int(time.time())
 
     def body(self, out: RequestOutput) -> dict:
-        text = out.text or ""
-        logprobs = self._logprobs(out, 0)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                   "finish_reason": out.finish_reason} if self.chat else
-                  {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
-        return self._envelope("chat.completion" if self.chat else "text_completion", [choice], self._usage(out))
+        choices = []
+        for index, sample in enumerate(_samples(out)):
+            text, logprobs = sample.text or "", self._logprobs(sample, 0)
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                            "finish_reason": sample.finish_reason} if self.chat else
+                           {"index": index, "text": text, "logprobs": logprobs,
+                            "finish_reason": sample.finish_reason})
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices, self._usage(out))
 
     async def events(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput],
                      include_usage: bool) -> AsyncIterator[str]:
         """Server-Sent Events: one chunk per step that added text (or tokens, with logprobs), the last with the
         finish_reason, then the usage when asked for and `[DONE]`. Closing this generator (the client went away)
         closes `outputs`, which aborts the request."""
-        deltas = TextDeltas(self.tokenizer, self.params.stop)
-        sent_tokens = 0
+        n = len(_samples(first))
+        deltas = [TextDeltas(self.tokenizer, self.params.stop) for _ in range(n)]
+        sent_tokens, ended = [0] * n, [False] * n
         out = first
         try:
             if self.chat:  # OpenAI's first chunk names the role
-                yield _sse(self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                        "finish_reason": None}))
+                for index in range(n):
+                    yield _sse(self._chunk(index, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                                   "finish_reason": None}))
             while True:
-                text = deltas.update(out)
-                logprobs = self._logprobs(out, sent_tokens) if len(out.token_ids) > sent_tokens else None
-                sent_tokens = len(out.token_ids)
-                if text or logprobs or out.finish_reason is not None:
-                    piece = {"delta": {"content": text}} if self.chat else {"text": text}
-                    yield _sse(self._chunk({**piece, "logprobs": logprobs, "finish_reason": out.finish_reason}))
+                for index, sample in enumerate(_samples(out)):  # each choice's new text, tokens, and its end
+                    if ended[index]:
+                        continue
+                    text = deltas[index].update(sample)
+                    fresh = len(sample.token_ids) > sent_tokens[index]
+                    logprobs = self._logprobs(sample, sent_tokens[index]) if fresh else None
+                    sent_tokens[index] = len(sample.token_ids)
+                    ended[index] = sample.finish_reason is not None
+                    if text or logprobs or ended[index]:
+                        piece = {"delta": {"content": text}} if self.chat else {"text": text}
+                        yield _sse(self._chunk(index, {**piece, "logprobs": logprobs,
+                                                       "finish_reason": sample.finish_reason}))
                 if out.finish_reason is not None:
                     break
                 out = await anext(outputs)
@@ -200,8 +210,8 @@ class Reply:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _chunk(self, choice: dict) -> dict:
-        return self._envelope(self._chunk_object, [{"index": 0, **choice}], None)
+    def _chunk(self, index: int, choice: dict) -> dict:
+        return self._envelope(self._chunk_object, [{"index": index, **choice}], None)
 
     def _envelope(self, obj: str, choices: list[dict], usage: dict | None) -> dict:
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.served.name,
@@ -211,7 +221,7 @@ class Reply:
         return body
 
     def _usage(self, out: RequestOutput) -> dict:
-        completion = len(out.token_ids)
+        completion = sum(len(sample.token_ids) for sample in _samples(out))
         return {"prompt_tokens": self.prompt_len, "completion_tokens": completion,
                 "total_tokens": self.prompt_len + completion}
 
@@ -258,6 +268,11 @@ class TextDeltas:
             return ""
         delta, self.sent = text[len(self.sent):], text
         return delta
+
+
+def _samples(out: RequestOutput) -> list[RequestOutput]:
+    """The choices of a reply: each sample of an n > 1 request, or the request's one output."""
+    return out.samples if out.samples is not None else [out]
 
 
 def _top(logprobs: dict[int, float], n: int) -> list[tuple[int, float]]:

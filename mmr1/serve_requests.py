@@ -63,7 +63,7 @@ class _Body(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)  # samples of the prompt: choices[0..n-1]
     logit_bias: dict[str, float] = {}
 
     @model_validator(mode="before")
@@ -79,7 +79,7 @@ class _Body(BaseModel):
                                    f"(only {neutral!r})", param=name)
 
     def _neutral(self) -> dict[str, Any]:
-        return {"n": 1, "logit_bias": {}}
+        return {"logit_bias": {}}
 
     @property
     def include_usage(self) -> bool:
@@ -125,7 +125,7 @@ def sampling_params(body: _Body, max_new_tokens: int, logprobs: int | None) -> S
                               stop_token_ids=list(body.stop_token_ids), presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
                               min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
-                              logprobs=logprobs)
+                              logprobs=logprobs, n=body.n)
     except ValueError as err:
         raise RequestError(str(err)) from None
 

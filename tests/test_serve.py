@@ -202,6 +202,31 @@ def test_streamed_completion_with_a_stop_string_sends_only_the_cut_text(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_n_samples_are_the_choices_whole_and_streamed(client, qa):
+    request = chat("q", max_tokens=6, temperature=1.0, seed=11, n=3)
+    body = client.post("/v1/chat/completions", json=request).json()
+    texts = [c["message"]["content"] for c in body["choices"]]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    ids = qa.tokenizer.encode_prompt("q")
+    tokens = 0
+    for i, text in enumerate(texts):  # choice i is the sample seeded seed + i
+        alone = qa.engine.generate([ids], SamplingParams(max_new_tokens=6, temperature=1.0, seed=11 + i))[0]
+        assert text == alone.text
+        tokens += len(alone.token_ids)
+    assert len(set(texts)) > 1 and body["usage"]["completion_tokens"] == tokens
+    assert qa("q", sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=11, n=3)) == texts  # Pipeline
+    with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as response:
+        chunks = [json.loads(e) for e in sse_events(response)[:-1]]
+    streamed = ["", "", ""]
+    finished = []
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            streamed[choice["index"]] += choice["delta"].get("content", "")
+            if choice["finish_reason"] is not None:
+                finished.append(choice["index"])
+    assert streamed == texts and sorted(finished) == [0, 1, 2]
+
+
 def test_bad_requests_are_openai_errors_naming_the_field(client, files):
     def refused(body: dict, status: int = 400, path: str = "/v1/chat/completions") -> dict:
         return error_of(client.post(path, json=body), status)
@@ -221,7 +246,7 @@ def test_bad_requests_are_openai_errors_naming_the_field(client, files):
     turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     assert "exactly one user message" in refused({**chat("q"), "messages": turns})["message"]
     assert refused(chat("q", model="gpt-4"), 404)["param"] == "model"
-    assert "n=2" in refused(chat("q", n=2))["message"]
+    assert refused(chat("q", n=0))["param"] == "n"
     assert "context length 48" in refused(chat("q", max_tokens=99))["message"]
     typed = refused(chat("q", temperature="hot"))
     assert typed["param"] == "temperature" and "valid number" in typed["message"]

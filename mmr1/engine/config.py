@@ -33,8 +33,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # finish when one is produced (it is not returned)
     stop: list[str] = field(default_factory=list)  # finish when the decoded text contains one (text is cut there)
     ignore_eos: bool = False
+    n: int = 1  # samples of this prompt (their prompt KV computed once); seed s -> samples seeded s, s+1, ...
 
     def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingParams: n={self.n} must be >= 1")
         if self.max_new_tokens < 0:
             raise ValueError(f"SamplingParams: max_new_tokens={self.max_new_tokens} must be >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p <= 1:

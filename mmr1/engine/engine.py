@@ -12,6 +12,7 @@ per-request sampling and speculative decoding.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import threading
@@ -95,6 +96,7 @@ class Engine:
         self._solo: SoloCache | None = None
         self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
         self._seqs: dict[int, Sequence] = {}
+        self._groups: dict[int, list[Sequence]] = {}  # SamplingParams.n > 1: the id add_request gave -> samples
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._async_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
@@ -128,26 +130,47 @@ class Engine:
             raise ValueError(f"Engine.add_request: {total} tokens need more KV blocks than the pool has "
                              f"({self.allocator.num_blocks} x {self.cfg.block_size}); raise EngineConfig.num_blocks")
         with self._lock:
-            self.scheduler.check_room()
-            seq = Sequence(next(self._ids), ids, params, make_generator(params.seed))
+            self.scheduler.check_room(params.n)
             if cross_states is not None:
-                seq.cross_states = (cross_states if cross_states.dim() == 3 else cross_states[None]).to(self.dtype)
-            if cross_states is not None or not inputs:  # else: keyed once its encodings are in (async only)
-                seq.cache_key = modality_key(seq.cross_states)
-            self._seqs[seq.id] = seq
-            if params.max_new_tokens == 0:
-                seq.text = "" if self.tokenizer is not None else None
-                seq.finish("length")
-            elif inputs and self.queues is not None:
-                seq.status = Status.ENCODING
-                seq.futures = self.queues.submit(inputs, item=input_item)
-                if self.draft_queues is not None:
-                    seq.draft_futures = self.draft_queues.submit(inputs, item=input_item)
-                self.scheduler.encoding.append(seq)
-            else:
-                seq.raw_inputs = (inputs or None) and (inputs, input_item)
-                self.scheduler.waiting.append(seq)
-            return seq.id
+                cross_states = (cross_states if cross_states.dim() == 3 else cross_states[None]).to(self.dtype)
+            if params.n == 1:
+                seq = Sequence(next(self._ids), ids, params, make_generator(params.seed))
+                self._enqueue(seq, cross_states, inputs, input_item)
+                return seq.id
+            # n samples: n sequences under one id. They share the encodings; the first computes the prompt's KV
+            # blocks and the prefix cache gives them to the others.
+            group_id = next(self._ids)
+            encoded = None
+            self._groups[group_id] = []
+            for i in range(params.n):
+                child = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                seq = Sequence(next(self._ids), ids, child, make_generator(child.seed))
+                encoded = self._enqueue(seq, cross_states, inputs, input_item, encoded)
+                self._groups[group_id].append(seq)
+            return group_id
+
+    def _enqueue(self, seq: Sequence, cross_states: torch.Tensor | None, inputs: dict[str, Any],
+                 input_item: int | None, encoded: tuple | None = None) -> tuple | None:
+        """Queue a new sequence: for encoding (its modality inputs to the workers, or the futures `encoded` of a
+        sibling sample), or for admission. Returns the encoding futures it waits for, if any."""
+        seq.cross_states = cross_states
+        if cross_states is not None or not inputs:  # else: keyed once its encodings are in (async only)
+            seq.cache_key = modality_key(seq.cross_states)
+        self._seqs[seq.id] = seq
+        if seq.params.max_new_tokens == 0:
+            seq.text = "" if self.tokenizer is not None else None
+            seq.finish("length")
+        elif inputs and self.queues is not None:
+            seq.status = Status.ENCODING
+            if encoded is None:
+                encoded = (self.queues.submit(inputs, item=input_item),
+                           self.draft_queues.submit(inputs, item=input_item) if self.draft_queues else None)
+            seq.futures, seq.draft_futures = encoded
+            self.scheduler.encoding.append(seq)
+        else:
+            seq.raw_inputs = (inputs or None) and (inputs, input_item)
+            self.scheduler.waiting.append(seq)
+        return encoded
 
     def _prompt_ids(self, prompt: str | Seq[int], present: list[str]) -> list[int]:
         if isinstance(prompt, str):
@@ -163,26 +186,61 @@ class Engine:
         return ids
 
     def abort(self, request_id: int) -> bool:
-        """Cancel a request now: its KV blocks are freed; returns False when it had already finished."""
+        """Cancel a request (all its samples) now: its KV blocks are freed; False when it had already finished."""
         with self._lock:
-            seq = self._seqs.get(request_id)
-            if seq is None or seq.finished:
-                return False
-            for fut in list((seq.futures or {}).values()) + list((seq.draft_futures or {}).values()):
-                fut.cancel()
-            self.scheduler.remove(seq)
-            seq.finish("abort")
-            return True
+            live = [s for s in self._members(request_id, missing_ok=True) if not s.finished]
+            for seq in live:
+                for fut in list((seq.futures or {}).values()) + list((seq.draft_futures or {}).values()):
+                    fut.cancel()
+                self.scheduler.remove(seq)
+                seq.finish("abort")
+            return bool(live)
 
     def output(self, request_id: int) -> RequestOutput:
-        return self._seqs[request_id].result()
+        """The request's output so far; with SamplingParams.n > 1 the first sample's, all of them in `samples`."""
+        with self._lock:
+            seqs = self._members(request_id)
+            if request_id not in self._groups:
+                return seqs[0].result()
+            samples = [s.result() for s in seqs]
+            done = all(s.finished for s in seqs)
+            return dataclasses.replace(
+                samples[0], id=request_id, finish_reason=samples[0].finish_reason if done else None,
+                error=next((s.error for s in samples if s.error is not None), None),
+                first_token_time=min((s.first_token_time for s in samples if s.first_token_time), default=None),
+                finish_time=max(s.finish_time for s in samples) if done else None, samples=samples)
+
+    def finished(self, request_id: int) -> bool:
+        return all(s.finished for s in self._members(request_id))
 
     def release(self, request_id: int) -> RequestOutput:
         """The final output of a finished request; the engine forgets it (long-running servers call this)."""
-        seq = self._seqs[request_id]
-        if not seq.finished:
+        if not self.finished(request_id):
             raise RuntimeError(f"request {request_id} has not finished")
-        return self._seqs.pop(request_id).result()
+        out = self.output(request_id)
+        self._forget(request_id)
+        return out
+
+    def _members(self, request_id: int, missing_ok: bool = False) -> list[Sequence]:
+        """The sequences behind an id add_request returned: one, or the samples of an n > 1 request."""
+        if request_id in self._groups:
+            return self._groups[request_id]
+        if request_id in self._seqs:
+            return [self._seqs[request_id]]
+        if missing_ok:
+            return []
+        raise KeyError(f"unknown request id {request_id} (released already, or never added)")
+
+    def _single(self, request_id: int, front: str) -> Sequence:
+        if request_id in self._groups:
+            raise ValueError(f"Engine.{front}: request {request_id} has SamplingParams.n > 1 samples; one token "
+                             f"stream per request: use follow() or output()")
+        return self._members(request_id)[0]
+
+    def _forget(self, request_id: int) -> None:
+        for seq in self._members(request_id, missing_ok=True):
+            self._seqs.pop(seq.id, None)
+        self._groups.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -268,6 +326,9 @@ class Engine:
             self._solo = None
         else:
             solo.truncate(seq.num_cached)
+            if self.scheduler.waiting and self.cfg.enable_prefix_caching and seq.cache_key is not None:
+                solo.flush(self.pool, seq.blocks)  # a waiting request may start from these blocks next step
+                self.scheduler.register_cached(seq, solo.synced)
         return touched
 
     def _flush_solo(self) -> None:
@@ -421,7 +482,7 @@ class Engine:
     # ---- fronts -------------------------------------------------------------------------------------------
     def iter_tokens(self, request_id: int) -> Iterator[int]:
         """Yield a request's tokens as they come, stepping the engine (and everyone else in it) as needed."""
-        seq = self._seqs[request_id]
+        seq = self._single(request_id, "iter_tokens")
         while True:
             yield from _unread_tokens(seq)
             if _ended(seq):
@@ -434,24 +495,31 @@ class Engine:
         todo = list(enumerate(requests))
         ids: dict[int, int] = {}
         try:
-            while todo or any(not self._seqs[r].finished for r in ids.values()):
-                while todo and self.scheduler.num_queued < self.cfg.max_waiting:
-                    index, req = todo.pop(0)
+            while todo or not all(self.finished(r) for r in ids.values()):
+                while todo:
+                    index, req = todo[0]
                     kwargs = dict(req) if isinstance(req, dict) else {"prompt": req}
                     kwargs.setdefault("sampling", sampling)
                     kwargs.setdefault("input_item", index if len(requests) > 1 else None)
+                    n = (kwargs["sampling"] or SamplingParams()).n
+                    if self.scheduler.num_queued + n > self.cfg.max_waiting and self.has_unfinished():
+                        break  # room comes as the queue drains; an n larger than the whole queue is refused
+                    todo.pop(0)
                     ids[index] = self.add_request(kwargs.pop("prompt"), **kwargs)
                 self.step()
         except BaseException:  # a refused request (or Ctrl-C) ends the whole batch: nothing is left queued
             for request_id in ids.values():
                 self.abort(request_id)
-                self._seqs.pop(request_id, None)
+                self._forget(request_id)
             raise
         return [self.release(ids[i]) for i in range(len(requests))]
 
     async def stream(self, prompt: str | Seq[int], **kwargs: Any) -> AsyncIterator[int]:
         """`async for token in engine.stream(prompt, image=..., sampling=...)`. Concurrent streams share the
         engine's steps (one runs in a worker thread at a time); leaving the loop early aborts the request."""
+        sampling = kwargs.get("sampling")
+        if sampling is not None and sampling.n > 1:
+            raise ValueError("Engine.stream: one token stream per request; for SamplingParams.n > 1 use follow()")
         outputs = self.follow(self.add_request(prompt, **kwargs))
         sent = 0
         try:
@@ -466,17 +534,19 @@ class Engine:
         """An added request's RequestOutput each time it advances (its tokens so far), the last one finished (text,
         finish_reason, logprobs); what servers build on, like vLLM's AsyncLLMEngine.generate. Steps as `stream`
         does; the engine forgets the request afterwards, and leaving the loop early aborts it. A request that
-        failed (e.g. an unreadable image) raises its error."""
-        seq = self._seqs[request_id]
+        failed (e.g. an unreadable image) raises its error. With SamplingParams.n > 1 each output holds every
+        sample so far in `samples`, and the last comes when all have finished."""
+        seqs = self._members(request_id)
         try:
             while True:
                 async with self._step_lock():
-                    if seq.read == len(seq.output) and not seq.finished:
+                    if all(s.read == len(s.output) for s in seqs) and not all(s.finished for s in seqs):
                         await asyncio.to_thread(self.step)
                     with self._lock:  # a step whose stream was cancelled may still be running in its thread
-                        advanced = seq.read < len(seq.output) or seq.finished
-                        seq.read = len(seq.output)
-                        out = seq.result() if advanced else None
+                        advanced = any(s.read < len(s.output) for s in seqs) or all(s.finished for s in seqs)
+                        for s in seqs:
+                            s.read = len(s.output)
+                        out = self.output(request_id) if advanced else None
                 if out is None:
                     continue
                 if out.error is not None:
@@ -485,9 +555,8 @@ class Engine:
                 if out.finish_reason is not None:
                     return
         finally:
-            if not seq.finished:
-                self.abort(request_id)
-            self._seqs.pop(request_id, None)
+            self.abort(request_id)  # a no-op once finished
+            self._forget(request_id)
 
     def _step_lock(self) -> asyncio.Lock:
         """The lock that lets one stream at a time step the engine; one per event loop (an asyncio.Lock is bound to

@@ -34,6 +34,8 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     # SamplingParams.prompt_logprobs: the same per prompt token; None for the first (nothing predicts it)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # SamplingParams.n > 1: every sample (each with its own id); the fields above are the first sample's
+    samples: list["RequestOutput"] | None = None
 
     @property
     def latency(self) -> float | None:
