@@ -14,24 +14,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 
-from data_pipelines.errors import InputError
 from fusion.queues import ModalityQueues
 from mmr1.backbone import R1Model
+from mmr1.engine import fronts
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.prefix_cache import modality_key
+from mmr1.engine.requests import checked_prompt_ids
 from mmr1.engine.packed import packable
 from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forward_paged, fuse_one
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
-from mmr1.engine.sequence import RequestOutput, Sequence, Status
+from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
 from mmr1.engine.speculative import DraftModel, ngram_propose, verify
 from mmr1.engine.stopping import commit_token, end_ids
@@ -99,7 +99,7 @@ class Engine:
         self._groups: dict[int, list[Sequence]] = {}  # SamplingParams.n > 1: the id add_request gave -> samples
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._async_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._async_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None  # fronts.step_lock
         self.stats = {"steps": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -110,25 +110,7 @@ class Engine:
         Raises QueueFullError when EngineConfig.max_waiting requests are already queued."""
         params = sampling or SamplingParams()
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        modalities = self.multimodal.modalities if self.multimodal is not None else []
-        unknown = sorted(set(inputs) - set(modalities))
-        if unknown:
-            raise TypeError(f"Engine.add_request: unknown input(s) {unknown}; this model takes {modalities}")
-        for modality, source in inputs.items():  # a missing file fails here, not later in an encoder worker
-            if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
-                raise InputError(f"{modality} file not found", source=str(source), item=input_item)
-        vocab = self.backbone.cfg.vocab_size
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"Engine.add_request: stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
-        ids = self._prompt_ids(prompt, [m for m in modalities if m in inputs])
-        total = len(ids) + params.max_new_tokens
-        if total > self.backbone.cfg.max_seq_len:
-            raise ValueError(f"Engine.add_request: prompt ({len(ids)} tokens) + max_new_tokens "
-                             f"({params.max_new_tokens}) exceeds max_seq_len={self.backbone.cfg.max_seq_len}")
-        if blocks_for(total, self.cfg.block_size) > self.allocator.num_blocks:
-            raise ValueError(f"Engine.add_request: {total} tokens need more KV blocks than the pool has "
-                             f"({self.allocator.num_blocks} x {self.cfg.block_size}); raise EngineConfig.num_blocks")
+        ids = checked_prompt_ids(self, prompt, params, inputs, input_item)
         with self._lock:
             self.scheduler.check_room(params.n)
             if cross_states is not None:
@@ -172,19 +154,6 @@ class Engine:
             self.scheduler.waiting.append(seq)
         return encoded
 
-    def _prompt_ids(self, prompt: str | Seq[int], present: list[str]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise TypeError("Engine.add_request: a text prompt needs Engine(model, tokenizer)")
-            return self.tokenizer.encode_prompt(prompt, present)
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("Engine.add_request: the prompt is empty; it needs at least one token (e.g. <bos>)")
-        vocab = self.backbone.cfg.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"Engine.add_request: prompt token ids must be in [0, {vocab})")
-        return ids
-
     def abort(self, request_id: int) -> bool:
         """Cancel a request (all its samples) now: its KV blocks are freed; False when it had already finished."""
         with self._lock:
@@ -202,13 +171,7 @@ class Engine:
             seqs = self._members(request_id)
             if request_id not in self._groups:
                 return seqs[0].result()
-            samples = [s.result() for s in seqs]
-            done = all(s.finished for s in seqs)
-            return dataclasses.replace(
-                samples[0], id=request_id, finish_reason=samples[0].finish_reason if done else None,
-                error=next((s.error for s in samples if s.error is not None), None),
-                first_token_time=min((s.first_token_time for s in samples if s.first_token_time), default=None),
-                finish_time=max(s.finish_time for s in samples) if done else None, samples=samples)
+            return merge_samples(request_id, [s.result() for s in seqs])
 
     def finished(self, request_id: int) -> bool:
         return all(s.finished for s in self._members(request_id))
@@ -479,92 +442,28 @@ class Engine:
             self.scheduler.register_cached(seq, seq.num_cached)
         self.scheduler.remove(seq)
 
-    # ---- fronts -------------------------------------------------------------------------------------------
+    # ---- fronts (mmr1/engine/fronts.py drives the steps for them) ----------------------------------------
     def iter_tokens(self, request_id: int) -> Iterator[int]:
         """Yield a request's tokens as they come, stepping the engine (and everyone else in it) as needed."""
-        seq = self._single(request_id, "iter_tokens")
-        while True:
-            yield from _unread_tokens(seq)
-            if _ended(seq):
-                return
-            self.step()
+        return fronts.iter_tokens(self, request_id)
 
     def generate(self, requests: Seq[Any], sampling: SamplingParams | None = None) -> list[RequestOutput]:
         """Offline batch: each request is a prompt (text or token ids) or a dict with `prompt`, modality inputs
         and optionally `sampling`. Returns one RequestOutput per request, in order."""
-        todo = list(enumerate(requests))
-        ids: dict[int, int] = {}
-        try:
-            while todo or not all(self.finished(r) for r in ids.values()):
-                while todo:
-                    index, req = todo[0]
-                    kwargs = dict(req) if isinstance(req, dict) else {"prompt": req}
-                    kwargs.setdefault("sampling", sampling)
-                    kwargs.setdefault("input_item", index if len(requests) > 1 else None)
-                    n = (kwargs["sampling"] or SamplingParams()).n
-                    if self.scheduler.num_queued + n > self.cfg.max_waiting and self.has_unfinished():
-                        break  # room comes as the queue drains; an n larger than the whole queue is refused
-                    todo.pop(0)
-                    ids[index] = self.add_request(kwargs.pop("prompt"), **kwargs)
-                self.step()
-        except BaseException:  # a refused request (or Ctrl-C) ends the whole batch: nothing is left queued
-            for request_id in ids.values():
-                self.abort(request_id)
-                self._forget(request_id)
-            raise
-        return [self.release(ids[i]) for i in range(len(requests))]
+        return fronts.generate(self, requests, sampling)
 
-    async def stream(self, prompt: str | Seq[int], **kwargs: Any) -> AsyncIterator[int]:
+    def stream(self, prompt: str | Seq[int], **kwargs: Any) -> AsyncIterator[int]:
         """`async for token in engine.stream(prompt, image=..., sampling=...)`. Concurrent streams share the
         engine's steps (one runs in a worker thread at a time); leaving the loop early aborts the request."""
-        sampling = kwargs.get("sampling")
-        if sampling is not None and sampling.n > 1:
-            raise ValueError("Engine.stream: one token stream per request; for SamplingParams.n > 1 use follow()")
-        outputs = self.follow(self.add_request(prompt, **kwargs))
-        sent = 0
-        try:
-            async for out in outputs:
-                for token in out.token_ids[sent:]:
-                    yield token
-                sent = len(out.token_ids)
-        finally:
-            await outputs.aclose()
+        return fronts.stream(self, prompt, **kwargs)
 
-    async def follow(self, request_id: int) -> AsyncIterator[RequestOutput]:
+    def follow(self, request_id: int) -> AsyncIterator[RequestOutput]:
         """An added request's RequestOutput each time it advances (its tokens so far), the last one finished (text,
         finish_reason, logprobs); what servers build on, like vLLM's AsyncLLMEngine.generate. Steps as `stream`
         does; the engine forgets the request afterwards, and leaving the loop early aborts it. A request that
         failed (e.g. an unreadable image) raises its error. With SamplingParams.n > 1 each output holds every
         sample so far in `samples`, and the last comes when all have finished."""
-        seqs = self._members(request_id)
-        try:
-            while True:
-                async with self._step_lock():
-                    if all(s.read == len(s.output) for s in seqs) and not all(s.finished for s in seqs):
-                        await asyncio.to_thread(self.step)
-                    with self._lock:  # a step whose stream was cancelled may still be running in its thread
-                        advanced = any(s.read < len(s.output) for s in seqs) or all(s.finished for s in seqs)
-                        for s in seqs:
-                            s.read = len(s.output)
-                        out = self.output(request_id) if advanced else None
-                if out is None:
-                    continue
-                if out.error is not None:
-                    raise out.error
-                yield out
-                if out.finish_reason is not None:
-                    return
-        finally:
-            self.abort(request_id)  # a no-op once finished
-            self._forget(request_id)
-
-    def _step_lock(self) -> asyncio.Lock:
-        """The lock that lets one stream at a time step the engine; one per event loop (an asyncio.Lock is bound to
-        the loop it first waits in, and an engine may outlive one: asyncio.run twice, test clients)."""
-        loop = asyncio.get_running_loop()
-        if self._async_lock is None or self._async_lock[0] is not loop:
-            self._async_lock = (loop, asyncio.Lock())
-        return self._async_lock[1]
+        return fronts.follow(self, request_id)
 
 
 def _sampled(row: ScheduledRow) -> int:
@@ -574,17 +473,3 @@ def _sampled(row: ScheduledRow) -> int:
     if row.seq.params.prompt_logprobs is not None and row.seq.num_cached < len(row.seq.prompt):
         return row.num_new + len(row.drafts)
     return 1 + len(row.drafts) if row.completes else 0
-
-
-def _unread_tokens(seq) -> Iterator[int]:
-    """The request's tokens not yet handed to its reader, marking each as read."""
-    while seq.read < len(seq.output):
-        seq.read += 1
-        yield seq.output[seq.read - 1]
-
-
-def _ended(seq) -> bool:
-    """Whether the request is finished; re-raises the error that ended it, if any."""
-    if seq.finished and seq.error is not None:
-        raise seq.error
-    return seq.finished

@@ -1,6 +1,7 @@
 """One request's state inside the engine, and what callers get back."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from concurrent.futures import Future
@@ -102,3 +103,15 @@ class Sequence:
                              self.error, self.arrival_time, self.first_token_time, self.finish_time,
                              list(self.logprobs) if self.params.logprobs is not None else None,
                              list(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None)
+
+
+def merge_samples(request_id: int, samples: list[RequestOutput]) -> RequestOutput:
+    """The output of an n > 1 request: the first sample's fields under the request's id, every sample in
+    `samples`; finished (finish_reason, finish_time) only once all are, the first error if any failed."""
+    done = all(s.finish_reason is not None for s in samples)
+    started = [s.first_token_time for s in samples if s.first_token_time is not None]
+    return dataclasses.replace(
+        samples[0], id=request_id, finish_reason=samples[0].finish_reason if done else None,
+        error=next((s.error for s in samples if s.error is not None), None),
+        first_token_time=min(started, default=None),
+        finish_time=max(s.finish_time for s in samples) if done else None, samples=samples)

@@ -1,0 +1,107 @@
+"""The ways to drive mmr1.Engine: a token iterator, an offline batch, and the asyncio fronts for servers. Each
+steps the whole engine as needed, so every request in it advances, not only the one being read."""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence as Seq
+
+from mmr1.engine.config import SamplingParams
+from mmr1.engine.sequence import RequestOutput
+
+if TYPE_CHECKING:
+    from mmr1.engine.engine import Engine
+
+
+def iter_tokens(engine: "Engine", request_id: int) -> Iterator[int]:
+    seq = engine._single(request_id, "iter_tokens")
+    while True:
+        yield from _unread_tokens(seq)
+        if _ended(seq):
+            return
+        engine.step()
+
+
+def generate(engine: "Engine", requests: Seq[Any], sampling: SamplingParams | None) -> list[RequestOutput]:
+    todo = list(enumerate(requests))
+    ids: dict[int, int] = {}
+    try:
+        while todo or not all(engine.finished(r) for r in ids.values()):
+            while todo:
+                index, req = todo[0]
+                kwargs = dict(req) if isinstance(req, dict) else {"prompt": req}
+                kwargs.setdefault("sampling", sampling)
+                kwargs.setdefault("input_item", index if len(requests) > 1 else None)
+                n = (kwargs["sampling"] or SamplingParams()).n
+                if engine.scheduler.num_queued + n > engine.cfg.max_waiting and engine.has_unfinished():
+                    break  # room comes as the queue drains; an n larger than the whole queue is refused
+                todo.pop(0)
+                ids[index] = engine.add_request(kwargs.pop("prompt"), **kwargs)
+            engine.step()
+    except BaseException:  # a refused request (or Ctrl-C) ends the whole batch: nothing is left queued
+        for request_id in ids.values():
+            engine.abort(request_id)
+            engine._forget(request_id)
+        raise
+    return [engine.release(ids[i]) for i in range(len(requests))]
+
+
+async def stream(engine: "Engine", prompt: Any, **kwargs: Any) -> AsyncIterator[int]:
+    sampling = kwargs.get("sampling")
+    if sampling is not None and sampling.n > 1:
+        raise ValueError("Engine.stream: one token stream per request; for SamplingParams.n > 1 use follow()")
+    outputs = follow(engine, engine.add_request(prompt, **kwargs))
+    sent = 0
+    try:
+        async for out in outputs:
+            for token in out.token_ids[sent:]:
+                yield token
+            sent = len(out.token_ids)
+    finally:
+        await outputs.aclose()
+
+
+async def follow(engine: "Engine", request_id: int) -> AsyncIterator[RequestOutput]:
+    seqs = engine._members(request_id)
+    try:
+        while True:
+            async with step_lock(engine):
+                if all(s.read == len(s.output) for s in seqs) and not all(s.finished for s in seqs):
+                    await asyncio.to_thread(engine.step)
+                with engine._lock:  # a step whose stream was cancelled may still be running in its thread
+                    advanced = any(s.read < len(s.output) for s in seqs) or all(s.finished for s in seqs)
+                    for s in seqs:
+                        s.read = len(s.output)
+                    out = engine.output(request_id) if advanced else None
+            if out is None:
+                continue
+            if out.error is not None:
+                raise out.error
+            yield out
+            if out.finish_reason is not None:
+                return
+    finally:
+        engine.abort(request_id)  # a no-op once finished
+        engine._forget(request_id)
+
+
+def step_lock(engine: "Engine") -> asyncio.Lock:
+    """The lock that lets one stream at a time step the engine; one per event loop (an asyncio.Lock is bound to
+    the loop it first waits in, and an engine may outlive one: asyncio.run twice, test clients)."""
+    loop = asyncio.get_running_loop()
+    if engine._async_lock is None or engine._async_lock[0] is not loop:
+        engine._async_lock = (loop, asyncio.Lock())
+    return engine._async_lock[1]
+
+
+def _unread_tokens(seq) -> Iterator[int]:
+    """The request's tokens not yet handed to its reader, marking each as read."""
+    while seq.read < len(seq.output):
+        seq.read += 1
+        yield seq.output[seq.read - 1]
+
+
+def _ended(seq) -> bool:
+    """Whether the request is finished; re-raises the error that ended it, if any."""
+    if seq.finished and seq.error is not None:
+        raise seq.error
+    return seq.finished
