@@ -16,6 +16,7 @@ has the details; mmr1/serve_requests.py reads the requests.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -78,8 +79,8 @@ class ServedModel:
         """Add the request and wait for its first output, so a bad input is still a 400 and not a broken stream:
         the engine checks files, token ids and lengths when the request is added, the encoders read the image /
         audio before the first token."""
-        try:
-            request_id = self.engine.add_request(prompt_ids, sampling=params, **inputs)
+        try:  # in a thread: add_request waits for a step running in another thread, the event loop must not
+            request_id = await asyncio.to_thread(self.engine.add_request, prompt_ids, sampling=params, **inputs)
         except QueueFullError as err:
             raise RequestError(str(err), status=503, type="server_busy") from None
         except (InputError, ValueError, TypeError) as err:
