@@ -11,6 +11,7 @@ from mmr1.engine import Engine, EngineConfig, SamplingParams
 from mmr1.engine.block_manager import BlockAllocator
 from mmr1.engine.prefix_cache import extend_block_hashes, modality_key
 from test_engine import drain, multimodal_model, multimodal_reference, raw_inputs, reference
+from mmr1.generation import generate
 from test_generation import modality_tokens, tiny_model
 
 
@@ -162,3 +163,36 @@ def test_same_image_hits_and_another_image_misses_with_async_encoding():
     assert outs[:2] == [ref_same] * 2 and outs[2] == multimodal_reference(model, prompt, other, 5)
     assert hit_tokens(eng) == 8  # the second request only
     eng.close()
+
+
+@pytest.mark.parametrize("setting", ["ngram", "draft", "sliding", "int8"])
+def test_shared_prefixes_with_speculation_sliding_windows_and_int8(setting):
+    """Prefix hits combined with the engine's other features: speculative decoding (the draft model computes its
+    own prefix), a sliding-window model (the window reads cached slots) and INT8 KV (cached blocks hold quantized
+    values). Greedy outputs equal generate() -- for INT8, the same engine without the cache."""
+    from mmr1.engine import SpeculativeConfig
+    from mmr1.engine.speculative import truncated_draft
+    from test_long_context import long_model
+
+    model = long_model("sliding", window=5, block=4, seed=1) if setting == "sliding" else tiny_model()
+    if setting == "sliding":
+        with torch.no_grad():
+            model.init_weights(std=0.3)
+    shared = [1, 9, 2, 33, 7, 41, 12, 3, 8, 14]
+    prompts = [shared + [5], shared + [6, 2], shared[:6] + [11], shared + [5]]
+    spec = SpeculativeConfig(setting, num_draft_tokens=3) if setting in ("ngram", "draft") else None
+    draft = truncated_draft(model, 2) if setting == "draft" else None
+
+    def run(caching: bool) -> tuple[list[list[int]], int]:
+        cfg = EngineConfig(block_size=4, max_batch=3, max_num_batched_tokens=16, prefill_chunk=6, speculative=spec,
+                           kv_cache_dtype="int8" if setting == "int8" else "model", enable_prefix_caching=caching)
+        eng = Engine(model, config=cfg, draft=draft)
+        outs = [eng.generate([prompts[0]], SamplingParams(max_new_tokens=12))[0].token_ids]  # computes the prefix
+        outs += [o.token_ids for o in eng.generate(prompts[1:], SamplingParams(max_new_tokens=12))]
+        eng.check_no_leaks()
+        return outs, eng.scheduler.prefix_hit_tokens
+
+    outs, hits = run(True)
+    assert hits == 8 + 4 + 8  # the three after the first start from its blocks: 2, 1 and 2 whole ones
+    refs = run(False)[0] if setting == "int8" else [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+    assert outs == refs
