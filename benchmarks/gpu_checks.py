@@ -107,6 +107,18 @@ def check_engine(device: str) -> dict:
         else:
             assert outs == refs, f"engine check ({name}): engine output != generate() on {device}"
             out[name] = f"{len(requests)} requests == generate() token for token"
+    # prefix caching: the same requests again reuse the first round's blocks (text-only ones for sure; image/audio
+    # ones when the encoders give the same tokens again) and still equal generate()
+    engine = Engine(model, config=EngineConfig(block_size=4, max_batch=4, max_num_batched_tokens=16, prefill_chunk=8))
+    try:
+        first = [o.token_ids for o in engine.generate(requests)]
+        again = [o.token_ids for o in engine.generate(requests)]
+        engine.check_no_leaks()
+    finally:
+        engine.close()
+    hits = engine.scheduler.prefix_hit_tokens
+    assert first == refs and again == refs and hits > 0, f"prefix caching check on {device}: hits {hits}"
+    out["prefix_cache"] = f"{len(requests)} requests twice == generate(); {hits} prompt tokens reused"
     return out
 
 
