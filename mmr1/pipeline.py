@@ -62,7 +62,7 @@ class Pipeline:
     def score(self, question: str, answers: Sequence[str], **inputs: Any) -> dict[str, float]:
         """Log-probability of each candidate answer (its tokens and `<eos>`, as training formats them) given the
         question and the inputs: multiple-choice evaluation. Each candidate is one engine request that reads its
-        prompt_logprobs (the inputs are encoded once per candidate)."""
+        prompt_logprobs; an input given as a file is encoded once for all of them (the engine's encoding cache)."""
         inputs = self._split_inputs(inputs, 1, batched=False)[0]
         present = [m for m in self.model.modalities if m in inputs]
         examples = [self.tokenizer.encode_example(question, answer, present) for answer in answers]

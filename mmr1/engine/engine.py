@@ -25,6 +25,7 @@ from mmr1.backbone import R1Model
 from mmr1.engine import fronts
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
+from mmr1.engine.encoding_cache import EncodingCache
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.prefix_cache import modality_key
 from mmr1.engine.requests import checked_prompt_ids
@@ -90,6 +91,9 @@ class Engine:
                 self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
                                                    self.draft_multimodal.encode_modality,
                                                    max_batch=self.cfg.encoder_max_batch)
+        # A file sent again (or by several requests at once) is encoded once (mmr1/engine/encoding_cache.py).
+        self.encodings = EncodingCache(self.queues) if self.queues is not None else None
+        self.draft_encodings = EncodingCache(self.draft_queues) if self.draft_queues is not None else None
         # Batch-1 fast path (mmr1.engine.solo): a lone running request keeps a contiguous K/V copy.
         self._solo_ok = solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
         self._packed = self.cfg.packed_steps and packable(self.backbone)  # one forward per step (engine/packed.py)
@@ -145,8 +149,8 @@ class Engine:
         elif inputs and self.queues is not None:
             seq.status = Status.ENCODING
             if encoded is None:
-                encoded = (self.queues.submit(inputs, item=input_item),
-                           self.draft_queues.submit(inputs, item=input_item) if self.draft_queues else None)
+                encoded = (self.encodings.submit(inputs, input_item),
+                           self.draft_encodings.submit(inputs, input_item) if self.draft_encodings else None)
             seq.futures, seq.draft_futures = encoded
             self.scheduler.encoding.append(seq)
         else:
@@ -159,8 +163,10 @@ class Engine:
         with self._lock:
             live = [s for s in self._members(request_id, missing_ok=True) if not s.finished]
             for seq in live:
-                for fut in list((seq.futures or {}).values()) + list((seq.draft_futures or {}).values()):
-                    fut.cancel()
+                for futures, cache in ((seq.futures, self.encodings), (seq.draft_futures, self.draft_encodings)):
+                    for fut in (futures or {}).values():
+                        if not cache.shared(fut):  # another request may be waiting for this file's encoding
+                            fut.cancel()
                 self.scheduler.remove(seq)
                 seq.finish("abort")
             return bool(live)
