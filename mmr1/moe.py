@@ -18,7 +18,7 @@ from torch import nn
 
 from mmr1.config import MoEConfig
 from mmr1.feedforward import SwiGLU
-from mmr1.moe_kernels import grouped_swiglu
+from mmr1.moe_kernels import grouped_swiglu, routed_swiglu
 
 
 @dataclass
@@ -241,6 +241,13 @@ class GroupedExperts(nn.Module):
 
         return grouped_swiglu(x, counts, self.w_gate, self.w_up, self.w_down)
 
+    def routed(self, flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: torch.Tensor, *,
+               has_unused: bool = False) -> torch.Tensor:
+        """flat (N, D) tokens, slot_experts / slot_weights (N*k,) each (token, slot) assignment's expert (num_experts
+        = unused) and weight -> (N, D): dispatch, experts and weighted combine (mmr1.moe_kernels.routed_swiglu)."""
+        return routed_swiglu(flat, slot_experts, slot_weights, self.w_gate, self.w_up, self.w_down,
+                             has_unused=has_unused)
+
 
 class MoEFeedForward(nn.Module):
     """Routed experts (top-k of E) + shared experts (always on). forward returns (out, MoEAux)."""
@@ -261,21 +268,12 @@ class MoEFeedForward(nn.Module):
         B, L, D = x.shape
         flat = x.reshape(B * L, D)  # (N, D)
         routing = self.router(flat, None if token_mask is None else token_mask.reshape(B * L), seq_len=L)
-        E, k = self.cfg.num_experts, routing.indices.shape[1]
+        E = self.cfg.num_experts
         slot_experts = routing.indices.reshape(-1)  # (N*k,) expert of each (token, slot) assignment
         skips_slots = self.cfg.dynamic_threshold is not None or self.cfg.capacity_factor is not None
         if skips_slots:
             slot_experts = slot_experts.where(slot_experts >= 0, E)  # unused/dropped slots sort last
-        order = slot_experts.argsort(stable=True)  # assignments grouped by expert
-        slot_tokens = order // k  # (N*k,) token of each sorted assignment
-        counts = torch.bincount(slot_experts, minlength=E)  # (E,) incl. padding: compute load
-        if skips_slots:  # run only the used slots (one host sync, as the expert loop needs anyway)
-            counts = counts[:E]
-            used = int(counts.sum())
-            order, slot_tokens = order[:used], slot_tokens[:used]
-        expert_out = self.experts(flat[slot_tokens], counts)  # (M, D), M = used assignments
-        expert_out = expert_out * routing.weights.reshape(-1)[order, None].to(expert_out.dtype)
-        out = expert_out.new_zeros(B * L, D).index_add_(0, slot_tokens, expert_out)  # combine the k slots
+        out = self.experts.routed(flat, slot_experts, routing.weights.reshape(-1), has_unused=skips_slots)  # (N, D)
         if self.shared is not None:
             shared = self.shared(flat)  # (N, D)
             if self.shared_gate is not None:

@@ -155,3 +155,49 @@ def test_gpu_checks_script_runs_on_cpu(tmp_path):
     assert "token for token" in result["engine"]["packed"] and "token for token" in result["engine"]["padded"]
     assert result["continuous_vs_static"]["throughput_ratio"] > 0
     assert "| engine packed |" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.parametrize("path", ["grouped", "padded"])
+@pytest.mark.parametrize("unused", [False, True])
+def test_routed_experts_equal_sort_loop_and_combine_fp32(path, unused):
+    """routed_swiglu (dispatch + experts + weighted combine in one; the padded path never materialises the sorted
+    rows) equals the readable composition: sort assignments by expert, loop over experts, weight, index_add."""
+    skip_unsupported("grouped_mm" if path == "grouped" else path, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    N, E, k = 13, 6, 2
+    flat = torch.randn(N, D, generator=g, requires_grad=True)
+    slot_experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)]).reshape(-1)
+    slot_experts[:5] = 2  # a crowded expert; expert 5 may get nothing
+    if unused:
+        slot_experts[[1, 6, 7]] = E  # skipped assignments (dynamic-k / dropped tokens)
+    slot_weights = torch.rand(N * k, generator=g)
+    weights = [(torch.randn(E, a, b, generator=g) / a ** 0.5).requires_grad_(True) for a, b in ((D, H), (D, H), (H, D))]
+    grad_out = torch.randn(N, D, generator=g)
+
+    def reference(flat, *weights):
+        keep = slot_experts < E
+        order = slot_experts.where(keep, E).argsort(stable=True)[:int(keep.sum())]
+        counts = torch.bincount(slot_experts[order], minlength=E)
+        rows = loop_swiglu(flat[order // k], counts, *weights) * slot_weights[order, None]
+        return rows.new_zeros(N, D).index_add_(0, order // k, rows)
+
+    out = moe_kernels.routed_swiglu(flat, slot_experts, slot_weights, *weights, has_unused=unused, path=path)
+    grads = torch.autograd.grad(out, [flat, *weights], grad_out)
+    ref = reference(flat, *weights)
+    ref_grads = torch.autograd.grad(ref, [flat, *weights], grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("x", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_routed_experts_pick_grouped_mm_when_padding_would_explode():
+    """On the CPU in bf16 a balanced load takes the fused padded path, a skewed one grouped GEMM."""
+    x, counts, weights = case([40, 1, 1, 1], torch.float32)
+    slot_experts = torch.repeat_interleave(torch.arange(4), counts)
+    bf16 = [w.detach().bfloat16() for w in weights]
+    skewed, _ = moe_kernels._routed_path(x, counts, torch.bfloat16, *bf16)
+    balanced, _ = moe_kernels._routed_path(x, torch.tensor([11, 11, 11, 10]), torch.bfloat16, *bf16)
+    assert balanced == "padded"  # bf16 on the CPU: the fused padded path while padding is cheap
+    assert skewed == ("grouped" if grouped_mm_available(torch.device("cpu"), torch.bfloat16) else "padded")
+    out = moe_kernels.routed_swiglu(x, slot_experts, torch.ones(43), *weights)  # k = 1
+    torch.testing.assert_close(out, loop_swiglu(x, counts, *weights), atol=1e-5, rtol=1e-5)

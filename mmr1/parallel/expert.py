@@ -1,9 +1,10 @@
 """Expert parallelism: the routed experts of every MoE layer are split over an expert-parallel (EP) group and
 tokens travel to the rank that owns their expert with all-to-all, like GShard / DeepSpeed-MoE.
 
-With P ranks and E experts, rank p owns experts [p E/P, (p+1) E/P). `MoEFeedForward` routes and sorts its
-(token, expert) assignments by expert as usual and calls `self.experts(rows, counts)`; `apply_expert_parallel`
-swaps that module for `ExpertParallelExperts`, which keeps the call signature and does:
+With P ranks and E experts, rank p owns experts [p E/P, (p+1) E/P). `MoEFeedForward` routes and calls
+`self.experts.routed(tokens, experts, weights)`; `apply_expert_parallel` swaps that module for
+`ExpertParallelExperts`, whose `routed` sorts the (token, expert) assignments by expert and calls its
+`forward(rows, counts)`, which does:
 
     counts (E,) --all_to_all--> rows each rank will receive per local expert     (P, E/P)   no autograd
     rows sorted by expert (M, D) --all_to_all--> rows for my experts by source    (R, D)     autograd
@@ -31,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from mmr1.moe import GroupedExperts, MoEFeedForward
-from mmr1.moe_kernels import grouped_swiglu
+from mmr1.moe_kernels import combine_sorted, grouped_swiglu, sort_assignments
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -92,6 +93,12 @@ class ExpertParallelExperts(GroupedExperts):
         if self.grad_divisor != 1.0 and local.requires_grad:
             local.register_hook(lambda grad: grad / self.grad_divisor)
         return local
+
+    def routed(self, flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: torch.Tensor, *,
+               has_unused: bool = False) -> torch.Tensor:
+        """The MoE layer's call: sort the assignments by expert, exchange their rows (forward below), combine."""
+        order, slot_tokens, counts = sort_assignments(slot_experts, self.num_experts, flat.shape[0], has_unused)
+        return combine_sorted(flat.shape[0], self(flat[slot_tokens], counts), slot_tokens, slot_weights[order])
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) rows sorted by (global) expert, counts (E,) rows per expert -> (M, D), like GroupedExperts."""
