@@ -235,18 +235,19 @@ class GroupedExperts(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, D) sorted by expert, counts (E,) -> (M, D). Grouped GEMM (or its padded-bmm fallback), no loop
-        over experts; `mmr1.moe_kernels.loop_swiglu` is the per-expert reference it is tested against."""
-
-        return grouped_swiglu(x, counts, self.w_gate, self.w_up, self.w_down)
-
-    def routed(self, flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: torch.Tensor, *,
-               has_unused: bool = False) -> torch.Tensor:
-        """flat (N, D) tokens, slot_experts / slot_weights (N*k,) each (token, slot) assignment's expert (num_experts
-        = unused) and weight -> (N, D): dispatch, experts and weighted combine (mmr1.moe_kernels.routed_swiglu)."""
+    def forward(self, flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: torch.Tensor, *,
+                has_unused: bool = False) -> torch.Tensor:
+        """flat (N, D) tokens, slot_experts / slot_weights (N*k,) each (token, slot) assignment's expert
+        (num_experts = unused) and weight -> (N, D): dispatch, experts and weighted combine, no loop over experts
+        (mmr1.moe_kernels.routed_swiglu). The whole computation is this module's forward so that wrappers of
+        its weights (peft's LoRA parameter adapters) see every use of them."""
         return routed_swiglu(flat, slot_experts, slot_weights, self.w_gate, self.w_up, self.w_down,
                              has_unused=has_unused)
+
+    def sorted_rows(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, D) rows already sorted by expert, counts (E,) -> (M, D) (grouped GEMM or its padded fallback;
+        `mmr1.moe_kernels.loop_swiglu` is the per-expert reference)."""
+        return grouped_swiglu(x, counts, self.w_gate, self.w_up, self.w_down)
 
 
 class MoEFeedForward(nn.Module):
@@ -273,7 +274,7 @@ class MoEFeedForward(nn.Module):
         skips_slots = self.cfg.dynamic_threshold is not None or self.cfg.capacity_factor is not None
         if skips_slots:
             slot_experts = slot_experts.where(slot_experts >= 0, E)  # unused/dropped slots sort last
-        out = self.experts.routed(flat, slot_experts, routing.weights.reshape(-1), has_unused=skips_slots)  # (N, D)
+        out = self.experts(flat, slot_experts, routing.weights.reshape(-1), has_unused=skips_slots)  # (N, D)
         if self.shared is not None:
             shared = self.shared(flat)  # (N, D)
             if self.shared_gate is not None:

@@ -2,9 +2,9 @@
 tokens travel to the rank that owns their expert with all-to-all, like GShard / DeepSpeed-MoE.
 
 With P ranks and E experts, rank p owns experts [p E/P, (p+1) E/P). `MoEFeedForward` routes and calls
-`self.experts.routed(tokens, experts, weights)`; `apply_expert_parallel` swaps that module for
-`ExpertParallelExperts`, whose `routed` sorts the (token, expert) assignments by expert and calls its
-`forward(rows, counts)`, which does:
+`self.experts(tokens, experts, weights)`; `apply_expert_parallel` swaps that module for `ExpertParallelExperts`,
+whose forward sorts the (token, expert) assignments by expert and calls its `sorted_rows(rows, counts)`, which
+does:
 
     counts (E,) --all_to_all--> rows each rank will receive per local expert     (P, E/P)   no autograd
     rows sorted by expert (M, D) --all_to_all--> rows for my experts by source    (R, D)     autograd
@@ -94,13 +94,14 @@ class ExpertParallelExperts(GroupedExperts):
             local.register_hook(lambda grad: grad / self.grad_divisor)
         return local
 
-    def routed(self, flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: torch.Tensor, *,
-               has_unused: bool = False) -> torch.Tensor:
-        """The MoE layer's call: sort the assignments by expert, exchange their rows (forward below), combine."""
+    def forward(self, flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: torch.Tensor, *,
+                has_unused: bool = False) -> torch.Tensor:
+        """The MoE layer's call: sort the assignments by expert, exchange their rows (sorted_rows), combine."""
         order, slot_tokens, counts = sort_assignments(slot_experts, self.num_experts, flat.shape[0], has_unused)
-        return combine_sorted(flat.shape[0], self(flat[slot_tokens], counts), slot_tokens, slot_weights[order])
+        rows = self.sorted_rows(flat[slot_tokens], counts)
+        return combine_sorted(flat.shape[0], rows, slot_tokens, slot_weights[order])
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def sorted_rows(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) rows sorted by (global) expert, counts (E,) rows per expert -> (M, D), like GroupedExperts."""
         P, El = self.ep_size, self.local_experts
         group = self.ep_mesh.get_group()
