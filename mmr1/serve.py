@@ -24,9 +24,9 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from data_pipelines.errors import InputError
@@ -114,16 +114,16 @@ def build_app(source: Any, *, model_name: str) -> FastAPI:
         return served.engine.metrics()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         served.check_name(body.model)
         body.refuse_unsupported()
         ids = completion_prompt_ids(body.prompt, served.tokenizer)
         budget = served.max_new_tokens(body.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS)
         params = sampling_params(body, budget, body.logprobs)
-        return await _respond(Reply(served, chat=False, prompt_len=len(ids), params=params), body, ids, {})
+        return await _respond(Reply(served, chat=False, prompt_len=len(ids), params=params), body, ids, {}, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         served.check_name(body.model)
         body.refuse_unsupported()
         question, inputs = chat_question(body.messages)
@@ -132,19 +132,27 @@ def build_app(source: Any, *, model_name: str) -> FastAPI:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling_params(body, served.max_new_tokens(requested, len(ids), None),
                                  body.top_logprobs if body.logprobs else None)
-        return await _respond(Reply(served, chat=True, prompt_len=len(ids), params=params), body, ids, inputs)
+        return await _respond(Reply(served, chat=True, prompt_len=len(ids), params=params), body, ids, inputs,
+                              request)
 
     return app
 
 
-async def _respond(reply: "Reply", body: Any, ids: list[int], inputs: dict[str, Any]) -> Any:
-    """Start the request; stream its chunks, or wait for its end and answer the whole body."""
+async def _respond(reply: "Reply", body: Any, ids: list[int], inputs: dict[str, Any], request: Request) -> Any:
+    """Start the request; stream its chunks, or wait for its end and answer the whole body. A client that goes
+    away before the end (a timeout, Ctrl-C) has its request aborted, streamed or not: nobody reads the answer."""
     outputs, first = await reply.served.start(ids, reply.params, inputs)
     if body.stream:
         return StreamingResponse(reply.events(first, outputs, body.include_usage), media_type="text/event-stream")
     last = first
-    async for last in outputs:
-        pass
+    try:
+        while last.finish_reason is None:
+            if await request.is_disconnected():
+                log.info("client left before %s finished: aborted", reply.id)
+                return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
+            last = await anext(outputs)
+    finally:
+        await outputs.aclose()  # aborts an unfinished request, forgets a finished one
     return reply.body(last)
 
 

@@ -287,7 +287,7 @@ def test_a_full_queue_is_a_503(qa):
         engine.close()
 
 
-def test_real_socket_and_a_client_leaving_mid_stream_aborts(qa, monkeypatch):
+def test_real_socket_and_a_client_leaving_early_aborts(qa, monkeypatch):
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(build_app(qa, model_name="tiny"), host="127.0.0.1", port=0,
@@ -313,6 +313,15 @@ def test_real_socket_and_a_client_leaving_mid_stream_aborts(qa, monkeypatch):
             time.sleep(0.02)
         assert not engine.has_unfinished() and not engine._seqs  # aborted and forgotten
         assert engine.stats["generated_tokens"] - before < 20
+        # not streamed: a client that times out before the answer is complete has its request aborted too
+        before = engine.stats["generated_tokens"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/completions", json={**long, "stream": False}, timeout=0.5)
+        deadline = time.time() + 5
+        while (engine.has_unfinished() or engine._seqs) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not engine.has_unfinished() and not engine._seqs
+        assert engine.stats["generated_tokens"] - before < 30
     finally:
         server.should_exit = True
         thread.join(timeout=10)
