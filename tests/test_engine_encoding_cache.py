@@ -86,3 +86,20 @@ def test_in_memory_inputs_are_not_shared(monkeypatch):
                  SamplingParams(max_new_tokens=2))
     assert submitted == ["image", "image"] and eng.encodings.hits == 0
     eng.close()
+
+
+def test_inline_encoding_keys_the_prefix_cache_by_file(tmp_path):
+    """With async_encoding off the inputs are encoded at admission, after the prefix lookup: requests whose inputs
+    are the same unchanged files still share their prompt blocks; other files or in-memory inputs don't."""
+    model = multimodal_model()
+    eng = Engine(model, config=EngineConfig(block_size=4, async_encoding=False))
+    image, audio = write_files(tmp_path, 0)
+    other, _ = write_files(tmp_path, 1)
+    prompt = PROMPT + [7, 8, 9]  # two full blocks
+    runs = [{"image": image, "audio": audio}, {"image": image, "audio": audio}, {"image": other, "audio": audio},
+            {"image": raw_inputs(0)["image"], "audio": audio}]
+    for inputs in runs:
+        out = eng.generate([{"prompt": prompt, **inputs}], SamplingParams(max_new_tokens=4))[0]
+        assert out.token_ids == multimodal_reference(model, prompt, inputs, 4)
+    assert eng.scheduler.prefix_hit_tokens == 8  # only the second request, same files
+    eng.check_no_leaks()

@@ -8,6 +8,7 @@ In-memory inputs (arrays, PIL images, waveforms) are not keyed: the same object 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -24,6 +25,15 @@ def file_key(modality: str, source: Any) -> tuple | None:
     except OSError:
         return None  # the encoder reports it (add_request refuses missing files before this)
     return modality, os.path.realpath(source), stat.st_size, stat.st_mtime_ns
+
+
+def files_key(inputs: Mapping[str, Any]) -> bytes | None:
+    """A prefix-cache modality key for inputs that are all files, before they are encoded (inline encoding runs at
+    admission, after the prefix lookup): the same files unchanged on disk give the same modality tokens."""
+    keys = [file_key(m, source) for m, source in sorted(inputs.items())]
+    if not keys or any(k is None for k in keys):
+        return None
+    return hashlib.sha256(repr(keys).encode()).digest()
 
 
 class EncodingCache:

@@ -25,7 +25,7 @@ from mmr1.backbone import R1Model
 from mmr1.engine import fronts
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
-from mmr1.engine.encoding_cache import EncodingCache
+from mmr1.engine.encoding_cache import EncodingCache, files_key
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.prefix_cache import modality_key
 from mmr1.engine.requests import checked_prompt_ids
@@ -155,6 +155,8 @@ class Engine:
             self.scheduler.encoding.append(seq)
         else:
             seq.raw_inputs = (inputs or None) and (inputs, input_item)
+            if inputs and cross_states is None:  # encoded at admission: keyed by its files (if only files)
+                seq.cache_key = files_key(inputs)
             self.scheduler.waiting.append(seq)
         return encoded
 

@@ -27,8 +27,8 @@ from mmr1.moe import MoEFeedForward, Router, select_experts
 def solo_eligible(model: R1Model, kv_cache_dtype: str) -> bool:
     """The fast path re-spells R1Model.forward's decode math: only for that forward (not a subclass's own)."""
     cfg = model.cfg
-    return (type(model).forward is R1Model.forward and kv_cache_dtype == "model" and all(kind == "full" for kind in cfg.layer_kinds())
-            and not cfg.alibi_global)
+    return (type(model).forward is R1Model.forward and kv_cache_dtype == "model"
+            and all(kind == "full" for kind in cfg.layer_kinds()) and not cfg.alibi_global)
 
 
 class SoloCache:
