@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 
 import pytest
+import torch
 
 from mmr1.engine import Engine, EngineConfig, SamplingParams
 from test_engine import drain, multimodal_model, raw_inputs, reference
@@ -77,4 +78,67 @@ def test_multimodal_samples_encode_their_inputs_once(monkeypatch):
     out = eng.generate([{"prompt": prompt, **inputs}], SamplingParams(max_new_tokens=5, n=3))[0]
     lone = eng.generate([{"prompt": prompt, **inputs}], SamplingParams(max_new_tokens=5))[0]
     assert len(submitted) == 2 and [s.token_ids for s in out.samples] == [lone.token_ids] * 3
+    eng.close()
+
+
+def reference_beam_search(model, prompt, width, max_new, eos, cross_states=None, length_penalty=1.0):
+    """vLLM's beam search rule with full forwards (no cache): keep the width best continuations by summed
+    log-probability; those ending in eos finish; rank by log-probability / length**length_penalty."""
+    live, done = [([], 0.0)], []
+    for _ in range(max_new):
+        candidates = []
+        for tokens, logprob in live:
+            logits = model(torch.tensor([prompt + tokens]), cross_states=cross_states).logits[0, -1]
+            top = torch.log_softmax(logits.float(), -1).topk(2 * width)
+            candidates += [(tokens + ([] if t == eos else [t]), logprob + v, t == eos)
+                           for t, v in zip(top.indices.tolist(), top.values.tolist())]
+        best = sorted(candidates, key=lambda c: -c[1])[:width]
+        done += [c for c in best if c[2]]
+        live = [(c[0], c[1]) for c in best if not c[2]]
+        if not live:
+            break
+    ranked = done + [(t, lp, False) for t, lp in live]
+    ranked.sort(key=lambda c: -c[1] / max(1, len(c[0]) + c[2]) ** length_penalty)
+    return [(c[0], c[1], c[2]) for c in ranked[:width]]
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_beam_search_equals_a_full_forward_reference(length_penalty):
+    from test_generation import modality_tokens
+
+    model = tiny_model()
+    cross_states, cross_mask = modality_tokens()
+    memory = cross_states[0][cross_mask[0]]
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([PROMPT]), cross_states=memory[None]).logits[0, -1], -1)
+    eos = int(first.topk(2).indices[1])  # the second most likely first token: some beam finishes at once
+    eng = Engine(model, config=EngineConfig(block_size=4), eos_id=eos)
+    with torch.no_grad():
+        beams = eng.beam_search(PROMPT, beam_width=3, max_new_tokens=6, length_penalty=length_penalty,
+                                cross_states=memory)
+        ref = reference_beam_search(model, PROMPT, 3, 6, eos, memory[None], length_penalty)
+    assert [(b.token_ids, b.finished) for b in beams] == [(t, f) for t, _, f in ref]
+    assert [b.cumulative_logprob for b in beams] == pytest.approx([lp for _, lp, _ in ref], abs=1e-4)
+    assert any(b.finished for b in beams) and any(not b.finished for b in beams)
+    assert eng.scheduler.prefix_hit_tokens > 0  # steps reuse the prompt's (and the beams') blocks
+    eng.check_no_leaks()
+
+
+def test_beam_search_with_image_audio_inputs_encodes_them_once(monkeypatch):
+    from mmr1.engine import runner
+
+    model = multimodal_model()
+    eng = Engine(model, config=EngineConfig(block_size=4))
+    calls = []
+    real = runner.encode_inline
+    monkeypatch.setattr(runner, "encode_inline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = raw_inputs(0)
+    prompt = [1, 4, 9, 16, 25, 36, 49]
+    beams = eng.beam_search(prompt, beam_width=2, max_new_tokens=4, **inputs)
+    memory = runner.fuse_one(model.modalities, real(model, inputs))[0]
+    again = eng.beam_search(prompt, beam_width=2, max_new_tokens=4, cross_states=memory)
+    assert len(calls) == 1 and [b.token_ids for b in beams] == [b.token_ids for b in again]
+    assert len(beams) == 2 and beams[0].token_ids != beams[1].token_ids
+    with pytest.raises(ValueError, match="beam_width"):
+        eng.beam_search(prompt, beam_width=0)
     eng.close()

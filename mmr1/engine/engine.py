@@ -473,6 +473,15 @@ class Engine:
         sample so far in `samples`, and the last comes when all have finished."""
         return fronts.follow(self, request_id)
 
+    def beam_search(self, prompt: str | Seq[int], *, beam_width: int = 4, max_new_tokens: int = 16,
+                    length_penalty: float = 1.0, cross_states: torch.Tensor | None = None,
+                    **inputs: Any) -> list[fronts.BeamHypothesis]:
+        """The `beam_width` most likely continuations (vLLM's `LLM.beam_search` rule: each step keeps the width
+        best continuations by summed log-probability, those ending in eos finish; the result is ranked by
+        log-probability / length**length_penalty). Built on the engine: a step is one request per beam, and the
+        prefix cache spares recomputing the prompt and the beams' shared tokens; the inputs are encoded once."""
+        return fronts.beam_search(self, prompt, beam_width, max_new_tokens, length_penalty, cross_states, **inputs)
+
 
 def _sampled(row: ScheduledRow) -> int:
     """How many of a row's last fed tokens need logits: its last token and each draft once the row's tokens are

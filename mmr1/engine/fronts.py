@@ -3,9 +3,11 @@ steps the whole engine as needed, so every request in it advances, not only the 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence as Seq
 
 from mmr1.engine.config import SamplingParams
+from mmr1.engine.requests import checked_prompt_ids
 from mmr1.engine.sequence import RequestOutput
 
 if TYPE_CHECKING:
@@ -105,3 +107,51 @@ def _ended(seq) -> bool:
     if seq.finished and seq.error is not None:
         raise seq.error
     return seq.finished
+
+
+@dataclass
+class BeamHypothesis:
+    """One beam: the tokens generated after the prompt, their summed log-probability, and the decoded text."""
+
+    token_ids: list[int]
+    cumulative_logprob: float
+    finished: bool = False  # ended with eos (not included in token_ids)
+    text: str | None = None
+
+    def score(self, length_penalty: float) -> float:
+        """Log-probability per token^length_penalty (vLLM's and transformers' beam score)."""
+        return self.cumulative_logprob / max(1, len(self.token_ids) + self.finished) ** length_penalty
+
+
+def beam_search(engine: "Engine", prompt: Any, beam_width: int, max_new_tokens: int, length_penalty: float = 1.0,
+                cross_states: Any = None, **inputs: Any) -> list[BeamHypothesis]:
+    if beam_width < 1 or max_new_tokens < 1:
+        raise ValueError(f"Engine.beam_search: beam_width={beam_width} and max_new_tokens={max_new_tokens} must be "
+                         f">= 1")
+    if inputs:  # encode once; every step's requests then carry the same modality tokens (and prefix-cache key)
+        from mmr1.engine.runner import encode_inline, fuse_one
+
+        checked_prompt_ids(engine, prompt, SamplingParams(max_new_tokens=max_new_tokens), inputs, None)
+        cross_states = fuse_one(engine.multimodal.modalities, encode_inline(engine.multimodal, inputs))[0]
+    present = [m for m in (engine.multimodal.modalities if engine.multimodal else []) if m in inputs]
+    prompt_ids = engine.tokenizer.encode_prompt(prompt, present) if isinstance(prompt, str) else list(prompt)
+    eos = engine.eos_id
+    # One step of every live beam = one engine request for one token, with the top 2 x width alternatives'
+    # log-probabilities; the prefix cache gives each request the blocks its beam shares with the prompt.
+    step_params = SamplingParams(max_new_tokens=1, logprobs=2 * beam_width, ignore_eos=True)
+    live, done = [BeamHypothesis([], 0.0)], []
+    for _ in range(max_new_tokens):
+        outs = generate(engine, [{"prompt": prompt_ids + b.token_ids, "cross_states": cross_states} for b in live],
+                        step_params)
+        candidates = [BeamHypothesis(b.token_ids + ([] if t == eos else [t]), b.cumulative_logprob + lp, t == eos)
+                      for b, out in zip(live, outs) for t, lp in out.logprobs[0].items()]
+        candidates.sort(key=lambda h: h.cumulative_logprob, reverse=True)
+        best = candidates[:beam_width]  # vLLM's rule: the width best; those that end in eos leave the beam
+        done += [h for h in best if h.finished]
+        live = [h for h in best if not h.finished]
+        if not live:
+            break
+    best = sorted(done + live, key=lambda h: h.score(length_penalty), reverse=True)[:beam_width]
+    for h in best:
+        h.text = engine.tokenizer.decode(h.token_ids) if engine.tokenizer is not None else None
+    return best
