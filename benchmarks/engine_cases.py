@@ -340,8 +340,9 @@ def load_workload(n: int, seed: int = 11) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_online(engine: Engine, workload, arrivals: list[float]) -> dict:
-    """Requests arrive at the given offsets (s); the engine steps in real time; latency = finish - arrival."""
+def run_online(engine: Engine, workload, arrivals: list[float], keep_tokens: bool = False) -> dict:
+    """Requests arrive at the given offsets (s); the engine steps in real time; latency = finish - arrival;
+    throughput = output tokens / wall time (`tokens`: every request's output, when kept)."""
     start = time.perf_counter()
     ids, todo = {}, list(range(len(workload)))
     while todo or engine.has_unfinished():
@@ -354,10 +355,15 @@ def run_online(engine: Engine, workload, arrivals: list[float]) -> dict:
             engine.step()
         elif todo:
             time.sleep(max(0.0, arrivals[todo[0]] - now))
-    lat = [engine.output(ids[i]).finish_time - (start + arrivals[i]) for i in range(len(workload))]
-    ttft = [engine.output(ids[i]).first_token_time - (start + arrivals[i]) for i in range(len(workload))]
-    return {"p50_latency_s": pct(lat, 50), "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50),
-            "p99_ttft_s": pct(ttft, 99), "wall_s": time.perf_counter() - start}
+    wall = time.perf_counter() - start
+    outs = [engine.output(ids[i]) for i in range(len(workload))]
+    lat = [o.finish_time - (start + arrivals[i]) for i, o in enumerate(outs)]
+    ttft = [o.first_token_time - (start + arrivals[i]) for i, o in enumerate(outs)]
+    res = {"p50_latency_s": pct(lat, 50), "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50),
+           "p99_ttft_s": pct(ttft, 99), "wall_s": wall, "tok_s": sum(len(o.token_ids) for o in outs) / wall}
+    if keep_tokens:
+        res["tokens"] = [o.token_ids for o in outs]
+    return res
 
 
 def low_latency_vs_default(n_requests: int, load: float, device: str = "cpu") -> dict:

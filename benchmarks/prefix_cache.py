@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.engine_cases import pct, serving_model
+from benchmarks.engine_cases import pct, run_online, serving_model
 from benchmarks.report import publish
 from mmr1.engine import Engine, EngineConfig, SamplingParams
 
@@ -33,28 +33,6 @@ def system_prompt_workload(n: int, prefix_len: int, seed: int = 0) -> list[list[
     rng = random.Random(seed)
     system = [rng.randrange(2048) for _ in range(prefix_len)]
     return [system + [rng.randrange(2048) for _ in range(16)] for _ in range(n)]
-
-
-def run_stream(engine: Engine, prompts: list[list[int]], arrivals: list[float], new_tokens: int) -> dict:
-    start = time.perf_counter()
-    ids, todo = {}, list(range(len(prompts)))
-    while todo or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while todo and arrivals[todo[0]] <= now:
-            i = todo.pop(0)
-            ids[i] = engine.add_request(prompts[i], sampling=SamplingParams(max_new_tokens=new_tokens,
-                                                                            ignore_eos=True))
-        if engine.has_unfinished():
-            engine.step()
-        elif todo:
-            time.sleep(max(0.0, arrivals[todo[0]] - now))
-    wall = time.perf_counter() - start
-    outs = [engine.output(ids[i]) for i in range(len(prompts))]
-    ttft = [o.first_token_time - (start + arrivals[i]) for i, o in enumerate(outs)]
-    lat = [o.finish_time - (start + arrivals[i]) for i, o in enumerate(outs)]
-    return {"wall_s": wall, "tok_s": sum(len(o.token_ids) for o in outs) / wall, "p50_ttft_s": pct(ttft, 50),
-            "p99_ttft_s": pct(ttft, 99), "p50_latency_s": pct(lat, 50), "p99_latency_s": pct(lat, 99),
-            "tokens": [o.token_ids for o in outs]}
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 1) -> list[float]:
@@ -122,7 +100,8 @@ def markdown(r: dict) -> str:
                          f"{hit} | {tail} |")
     notes = (f"\nsystem prompt: {r['requests']} requests, one {r['prefix_len']}-token prefix + 16 tokens each, "
              f"{r['new_tokens']} output tokens; all at t=0 (with caching the first request computes the prefix and "
-             f"the others wait a step or two to reuse it), or as Poisson arrivals at {r['system_prompt_stream']['arrival_rate_per_s']:.1f}/s "
+             f"the others wait a step or two to reuse it), or as Poisson arrivals at "
+             f"{r['system_prompt_stream']['arrival_rate_per_s']:.1f}/s "
              f"({r['load']}x what the uncached engine serves all at once). multi-turn: {r['conversations']} "
              f"conversations x {r['turns']} turns (last prompt {r['multi_turn']['on']['final_prompt_len']:.0f} "
              f"tokens), each turn's requests sent together (the first turn shares nothing).\n")
@@ -161,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["system_prompt_offline"] = compare(model, lambda e: run_offline(e, prompts, sampling), args.rounds)
         rate = args.load * r["system_prompt_offline"]["off"]["tok_s"] / new_tokens  # requests/s
         arrivals = poisson_arrivals(n, rate)
-        r["system_prompt_stream"] = compare(model, lambda e: run_stream(e, prompts, arrivals, new_tokens),
+        work = [(p, new_tokens) for p in prompts]
+        r["system_prompt_stream"] = compare(model, lambda e: run_online(e, work, arrivals, keep_tokens=True),
                                             args.rounds)
         r["system_prompt_stream"]["arrival_rate_per_s"] = rate
         r["multi_turn"] = compare(model, lambda e: run_turns(e, conversations, turns, new_tokens), args.rounds)

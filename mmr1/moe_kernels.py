@@ -85,17 +85,28 @@ MAX_PADDING_WASTE = 2.0  # padded rows E * C allowed per real row before the CPU
 
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
-    """The fastest correct path for x's device and dtype: grouped GEMM on CUDA and for fp32 on CPU, padded bmm
-    for bf16 on CPU while the padding is cheap, padded bmm wherever grouped GEMM has no kernel."""
+    """The fastest correct path for x's device and dtype (kernel_choice): grouped GEMM or padded bmm."""
     dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
              else w_gate.dtype)
-    grouped_ok = grouped_mm_available(x.device, dtype) and grouped_mm_fits(dtype, x, w_gate, w_up, w_down)
-    if grouped_ok and (x.device.type != "cpu" or dtype == torch.float32):
-        return grouped_mm_swiglu(x, counts, w_gate, w_up, w_down)
-    capacity = int(counts.max()) if x.shape[0] else 0  # the one host sync
-    if grouped_ok and counts.shape[0] * capacity > MAX_PADDING_WASTE * x.shape[0]:
+    path, capacity = kernel_choice(x.device, dtype, counts, x.shape[0], x, w_gate, w_up, w_down)
+    if path == "grouped":
         return grouped_mm_swiglu(x, counts, w_gate, w_up, w_down)
     return padded_bmm_swiglu(x, counts, w_gate, w_up, w_down, capacity)
+
+
+def kernel_choice(device: torch.device, dtype: torch.dtype, counts: torch.Tensor, rows: int,
+                  *tensors: torch.Tensor) -> tuple[str, int | None]:
+    """("grouped" | "padded", the padded capacity): grouped GEMM on CUDA and for fp32 on the CPU (the fused padded
+    path measured 2-4 % slower there in a whole layer), padded bmm for bf16 on the CPU while the padding is cheap
+    (oneDNN/AMX bmm; 6-11 % faster per layer when fused with the dispatch), padded bmm wherever grouped GEMM has no
+    kernel or `tensors` don't fit its alignment."""
+    grouped_ok = grouped_mm_available(device, dtype) and grouped_mm_fits(dtype, *tensors)
+    if grouped_ok and (device.type != "cpu" or dtype == torch.float32):
+        return "grouped", None
+    capacity = int(counts.max()) if rows else 0  # the one host sync
+    if grouped_ok and counts.shape[0] * capacity > MAX_PADDING_WASTE * rows:
+        return "grouped", None
+    return "padded", capacity
 
 
 # ---- the whole routed computation: dispatch, experts, weighted combine ----------------------------------------
@@ -148,19 +159,8 @@ def combine_sorted(num_tokens: int, rows: torch.Tensor, slot_tokens: torch.Tenso
 
 def _routed_path(flat: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype,
                  *weights: torch.Tensor) -> tuple[str, int | None]:
-    """The kernel policy of grouped_swiglu, for the whole routed computation: grouped GEMM on CUDA and for fp32 on
-    the CPU (where the fused padded path measured 2-4 % slower in a whole layer), the fused padded path for bf16
-    on the CPU (6-11 % faster than sorting, then padding, in a whole layer) unless one expert's rows would make
-    the padding too large."""
-    grouped_ok = grouped_mm_available(flat.device, dtype) and grouped_mm_fits(dtype, *weights) \
-        and flat.shape[-1] * torch.empty((), dtype=dtype).element_size() % 16 == 0
-    if grouped_ok and (flat.device.type != "cpu" or dtype == torch.float32):
-        return "grouped", None
-    rows = int(counts.sum())
-    capacity = int(counts.max()) if rows else 0
-    if grouped_ok and counts.shape[0] * capacity > MAX_PADDING_WASTE * rows:
-        return "grouped", None
-    return "padded", capacity
+    """kernel_choice for the whole routed computation: the gathered rows will be a fresh copy of flat's rows."""
+    return kernel_choice(flat.device, dtype, counts, int(counts.sum()), flat, *weights)
 
 
 def _padded_routed(flat: torch.Tensor, slot_tokens: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor,

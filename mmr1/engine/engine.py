@@ -297,10 +297,17 @@ class Engine:
             self._solo = None
         else:
             solo.truncate(seq.num_cached)
-            if self.scheduler.waiting and self.cfg.enable_prefix_caching and seq.cache_key is not None:
-                solo.flush(self.pool, seq.blocks)  # a waiting request may start from these blocks next step
-                self.scheduler.register_cached(seq, solo.synced)
+            if self.scheduler.waiting and self._caches(seq):
+                self._sync_solo(solo, seq)  # a waiting request may start from these blocks next step
         return touched
+
+    def _caches(self, seq: Sequence) -> bool:
+        return self.cfg.enable_prefix_caching and seq.cache_key is not None
+
+    def _sync_solo(self, solo: SoloCache, seq: Sequence) -> None:
+        """Write the fast path's new tokens into seq's pool blocks and publish the full ones for reuse."""
+        solo.flush(self.pool, seq.blocks)
+        self.scheduler.register_cached(seq, solo.synced)
 
     def _flush_solo(self) -> None:
         """Write the fast path's tokens into the request's pool blocks and drop its copy; a request that finished,
@@ -310,8 +317,7 @@ class Engine:
             return
         seq = self._seqs.get(solo.seq_id)
         if seq is not None and not seq.finished and seq.status == Status.RUNNING and seq.num_cached == solo.length:
-            solo.flush(self.pool, seq.blocks)
-            self.scheduler.register_cached(seq, solo.length)
+            self._sync_solo(solo, seq)
 
     def _collect_encoded(self) -> None:
         for seq in list(self.scheduler.encoding):
@@ -441,13 +447,11 @@ class Engine:
         """Free a finished request's memory, first publishing its full blocks for later requests (a request the
         fast path ran writes its K/V to the pool first: the next one with the same prompt starts from them)."""
         solo = self._solo
-        if (not in_pool and solo is not None and solo.seq_id == seq.id and seq.cache_key is not None
-                and self.cfg.enable_prefix_caching):
-            solo.truncate(seq.num_cached)
-            solo.flush(self.pool, seq.blocks)
-            in_pool = True
         if in_pool:
             self.scheduler.register_cached(seq, seq.num_cached)
+        elif solo is not None and solo.seq_id == seq.id and self._caches(seq):
+            solo.truncate(seq.num_cached)  # rejected drafts are not the request's tokens
+            self._sync_solo(solo, seq)
         self.scheduler.remove(seq)
 
     # ---- fronts (mmr1/engine/fronts.py drives the steps for them) ----------------------------------------

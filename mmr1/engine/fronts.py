@@ -128,13 +128,11 @@ def beam_search(engine: "Engine", prompt: Any, beam_width: int, max_new_tokens: 
     if beam_width < 1 or max_new_tokens < 1:
         raise ValueError(f"Engine.beam_search: beam_width={beam_width} and max_new_tokens={max_new_tokens} must be "
                          f">= 1")
+    prompt_ids = checked_prompt_ids(engine, prompt, SamplingParams(max_new_tokens=max_new_tokens), inputs, None)
     if inputs:  # encode once; every step's requests then carry the same modality tokens (and prefix-cache key)
         from mmr1.engine.runner import encode_inline, fuse_one
 
-        checked_prompt_ids(engine, prompt, SamplingParams(max_new_tokens=max_new_tokens), inputs, None)
         cross_states = fuse_one(engine.multimodal.modalities, encode_inline(engine.multimodal, inputs))[0]
-    present = [m for m in (engine.multimodal.modalities if engine.multimodal else []) if m in inputs]
-    prompt_ids = engine.tokenizer.encode_prompt(prompt, present) if isinstance(prompt, str) else list(prompt)
     eos = engine.eos_id
     # One step of every live beam = one engine request for one token, with the top 2 x width alternatives'
     # log-probabilities; the prefix cache gives each request the blocks its beam shares with the prompt.

@@ -30,10 +30,12 @@ def modality_key(cross_states: torch.Tensor | None) -> bytes:
     return digest.digest()
 
 
-def extend_block_hashes(hashes: list[bytes], tokens: list[int], block_size: int, key: bytes) -> list[bytes]:
-    """Append the chain hashes of the full blocks of `tokens` not hashed yet (committed tokens never change, so
-    earlier hashes stay valid as a sequence grows); returns `hashes`."""
-    for i in range(len(hashes), len(tokens) // block_size):
+def extend_block_hashes(hashes: list[bytes], tokens: list[int], block_size: int, key: bytes,
+                        max_blocks: int | None = None) -> list[bytes]:
+    """Append the chain hashes of the full blocks of `tokens` (at most max_blocks in all) not hashed yet
+    (committed tokens never change, so earlier hashes stay valid as a sequence grows); returns `hashes`."""
+    full = len(tokens) // block_size
+    for i in range(len(hashes), full if max_blocks is None else min(full, max_blocks)):
         block = array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()
         parent = hashes[i - 1] if i else key
         hashes.append(hashlib.sha256(parent + block).digest())

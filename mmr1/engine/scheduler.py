@@ -126,8 +126,9 @@ class Scheduler:
             return
         bs = self.cfg.block_size
         full = min(num_in_pool, seq.num_cached) // bs
-        hashes = extend_block_hashes(seq.block_hashes, seq.tokens[:full * bs], bs, seq.cache_key)
-        for block, prefix_hash in zip(seq.blocks[:full], hashes[:full]):
+        if len(seq.block_hashes) < full:  # called every step: hash (and build seq.tokens) only for new blocks
+            extend_block_hashes(seq.block_hashes, seq.tokens, bs, seq.cache_key, max_blocks=full)
+        for block, prefix_hash in zip(seq.blocks[:full], seq.block_hashes[:full]):
             self.allocator.register(block, prefix_hash)
 
     # ---- one step's batch ------------------------------------------------------------------------
