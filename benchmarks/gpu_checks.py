@@ -9,12 +9,14 @@ Correctness on the device, each asserted (a failure stops the run and names the 
   engine   a mixed batch of text, image, audio and image+audio requests: mmr1.Engine greedy on the device equals
            generate() on the device token for token (fp32; packed steps and padded groups), and INT8 KV runs.
 Measured side by side on the device (issue 5 items 2 and 6; on CPU they are in benchmarks/results/engine.md):
+  engine steps with torch's default attention backends (cuDNN first on Hopper) vs mmr1.sdpa's (no cuDNN),
   continuous vs static batching of the same engine on the 200-request log-normal mix (bf16 137 MB model), and
   configs/profiles/low_latency.yaml vs the default and the seed's baseline (INT8 KV + static) P99 under load.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from benchmarks import engine_cases as cases
 from benchmarks.report import publish
@@ -30,6 +33,7 @@ from mmr1.engine import Engine, EngineConfig, SamplingParams
 from mmr1.generation import generate_with_inputs
 from mmr1.model import MultimodalConfig, MultimodalR1
 from mmr1.moe_kernels import grouped_swiglu, loop_swiglu
+from mmr1.sdpa import sdpa as mmr1_sdpa
 
 
 def check_kernels(device: str, experts: int = 128, max_rows: int = 128) -> dict:
@@ -122,6 +126,37 @@ def check_engine(device: str) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def torch_default_sdpa():
+    """Every module that calls mmr1.sdpa.sdpa calls F.scaled_dot_product_attention instead: torch's own backend
+    choice (cuDNN first for masked attention on Hopper), the way the engine ran before mmr1.sdpa."""
+    users = [m for m in list(sys.modules.values())
+             if getattr(m, "sdpa", None) is mmr1_sdpa and m.__name__ != "mmr1.sdpa"]
+    for module in users:
+        module.sdpa = F.scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        for module in users:
+            module.sdpa = mmr1_sdpa
+
+
+def sdpa_backends(device: str, n_requests: int, weight_bound: bool) -> dict:
+    """Continuous engine steps with torch's default SDPA backends vs mmr1.sdpa's (no cuDNN on CUDA). Each timed
+    run gets request lengths neither has seen (a server keeps seeing new ones); default runs first, so any plan it
+    builds cannot help ours."""
+    model = (cases.weight_bound_model() if weight_bound else cases.serving_model()).to(device)
+    res = {"model": "bf16 137 MB" if weight_bound else "fp32 13 MB", "requests": n_requests}
+    for name, context in (("torch_default", torch_default_sdpa), ("mmr1", contextlib.nullcontext)):
+        with context():
+            cases.run_offline(Engine(model, config=EngineConfig(max_batch=16)), cases.mixed_workload(8, seed=1))
+            run = cases.run_offline(Engine(model, config=EngineConfig(max_batch=16)),
+                                    cases.mixed_workload(n_requests, seed=2))
+        res[name] = {**run, "ms_per_step": 1000 * run["wall_s"] / run["steps"]}
+    res["speedup"] = res["torch_default"]["wall_s"] / res["mmr1"]["wall_s"]
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -137,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages = {
         "kernels": lambda: check_kernels(args.device, *((16, 8) if args.quick else (128, 128))),
         "engine": lambda: check_engine(args.device),
+        "sdpa_backends": lambda: sdpa_backends(args.device, 16 if args.quick else 48, weight_bound=not args.quick),
         # --quick: 16 requests on the 13 MB fp32 serving model instead of 200 on the 137 MB bf16 one
         "continuous_vs_static": lambda: cases.continuous_vs_static(16 if args.quick else 200, 16,
                                                                    weight_bound=not args.quick, device=args.device),
@@ -171,6 +207,13 @@ def markdown(r: dict) -> str:
                         ("seed_baseline", "seed baseline (INT8 KV + static)")) if lo else ():
         lines.append(f"| P99 latency s, low_latency.yaml vs {label} | {lo['low_latency']['p99_latency_s']:.3f} | "
                      f"{lo[base]['p99_latency_s']:.3f} | {lo[f'p99_change_vs_{base}']:+.0%} | -65 % (seed) |")
+    sb = r.get("sdpa_backends")
+    if sb:
+        lines += ["", "| SDPA backends, continuous engine, " f"{sb['requests']} requests, {sb['model']} | ms/step | "
+                  "output tok/s |", "|---|---|---|"]
+        lines += [f"| {label} | {sb[k]['ms_per_step']:.1f} | {sb[k]['tok_s']:.0f} |" for k, label in
+                  (("torch_default", "torch's default (cuDNN first on Hopper)"), ("mmr1", "mmr1.sdpa (no cuDNN)"))]
+        lines.append(f"| speed-up | {sb['speedup']:.2f}x | |")
     return "\n".join(lines)
 
 

@@ -6,10 +6,10 @@ what its text-only backbone computes; training opens the gate as the modality to
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmr1.norm import RMSNorm
+from mmr1.sdpa import sdpa
 
 
 class GatedCrossAttention(nn.Module):
@@ -55,7 +55,7 @@ class GatedCrossAttention(nn.Module):
             safe_mask = per_query.clone()
             safe_mask[..., 0] |= ~has_memory
             attn_mask = safe_mask[:, None]  # (B, 1, L or 1, T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
+        out = sdpa(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
         out = self.wo(out.transpose(1, 2).reshape(B, L, -1))  # -1: H * Dh, the local width under TP
         if has_memory is not None:
             out = out * has_memory[..., None].to(out.dtype)

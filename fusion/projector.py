@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmr1.norm import RMSNorm
+from mmr1.sdpa import sdpa
 
 
 @dataclass
@@ -60,7 +61,7 @@ class ResamplerLayer(nn.Module):
         kv_in = torch.cat([self.norm_inputs(inputs), self.norm_latents(latents)], dim=1)  # (B, T+N, D)
         k, v = self.wkv(kv_in).view(B, T + N, 2, h, -1).unbind(2)
         kv_mask = torch.cat([mask, mask.new_ones(B, N)], dim=1)[:, None, None, :]  # (B, 1, 1, T+N)
-        attn = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=kv_mask)
+        attn = sdpa(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=kv_mask)
         latents = latents + self.wo(attn.transpose(1, 2).reshape(B, N, -1))
         return latents + self.mlp(self.norm_mlp(latents))
 

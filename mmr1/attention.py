@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmr1.config import RopeScaling
 from mmr1.local_attention import marked_tokens, sliding_window_attention
 from mmr1.rope import rope_frequencies
+from mmr1.sdpa import sdpa
 
 if TYPE_CHECKING:
     from mmr1.kv_cache import KVCache
@@ -93,7 +93,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     bias = -alibi_slopes(q.shape[1], q.device)[:, None, None] * distance.float()  # (H, L, S)
     allowed = attn_mask if attn_mask is not None else (distance >= 0)[None, None]
     bias = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)  # (B or 1, H, L, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, enable_gqa=True)
+    return sdpa(q, k, v, attn_mask=bias, dropout_p=dropout_p, enable_gqa=True)
 
 
 class SelfAttention(nn.Module):
@@ -174,9 +174,9 @@ class SelfAttention(nn.Module):
         elif attn_mask is None:
             if k.shape[2] != L:  # SDPA's is_causal aligns top-left, wrong once cached keys precede the queries
                 raise ValueError("SelfAttention: attn_mask is required when attending to cached keys")
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+            out = sdpa(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=True)
+            out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
 
     def _local_global_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
@@ -227,8 +227,8 @@ class SelfAttention(nn.Module):
         elif attn_mask is None:
             if k_g.shape[2] != L:
                 raise ValueError("SelfAttention: attn_mask is required when attending to cached keys")
-            out_g = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+            out_g = sdpa(q_g, k_g, v_g, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
         else:
-            out_g = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=attn_mask, dropout_p=dropout_p,
+            out_g = sdpa(q_g, k_g, v_g, attn_mask=attn_mask, dropout_p=dropout_p,
                                                    enable_gqa=True)
         return torch.cat([out, out_g], dim=1)  # (B, H, L, Dh): local heads first, as in the projections

@@ -27,6 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from mmr1.sdpa import sdpa
+
 
 def band_mask(block: int, width: int, window: int, device: torch.device | None = None) -> torch.Tensor:
     """(block, width) bool: query r of a block may see key c of its strip; the strip ends with the block itself."""
@@ -116,7 +118,7 @@ def _blocks(q, k, v, real, c0: int, c1: int, geometry, dropout_p: float, extra) 
     k_strips, v_strips = strips(k), strips(v)
     if extra is not None:
         k_strips, v_strips, mask = _with_global_tokens(k_strips, v_strips, mask, extra, offset + q_lo, window, b, G)
-    out = F.scaled_dot_product_attention(qb, k_strips, v_strips, attn_mask=mask, dropout_p=dropout_p)
+    out = sdpa(qb, k_strips, v_strips, attn_mask=mask, dropout_p=dropout_p)
     out = out.view(B, Hkv, nc, G, b, D).transpose(2, 3).reshape(B, H, nc * b, D)
     return out[:, :, :q_hi - q_lo]
 
@@ -131,7 +133,7 @@ def _dense_sliding(q, k, v, window, key_mask, dropout_p, extra) -> torch.Tensor:
         query_slot = torch.arange(S - L, S, device=q.device)
         seen = slots[:, None, None, :] <= (query_slot - window)[None, None, :, None]  # (B, 1, L, T)
         k, v, mask = torch.cat([k, k_g], dim=2), torch.cat([v, v_g], dim=2), torch.cat([mask, seen], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+    return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
 
 
 def _with_global_tokens(k_strips: torch.Tensor, v_strips: torch.Tensor, mask: torch.Tensor,

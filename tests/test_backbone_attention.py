@@ -132,3 +132,23 @@ def test_cached_attention_equals_full_attention():
         cache.advance(chunk.stop - chunk.start)
     assert cache.length == 6 and cache.keys[0] is None  # layer 0's slot is untouched
     torch.testing.assert_close(torch.cat(outs, dim=1)[mask], full[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_kernel_inputs_keep_masked_grouped_query_attention_exact():
+    """mmr1.sdpa repeats K/V for masked grouped-query calls on CUDA (the memory-efficient kernel takes no grouped
+    heads): the repeated call computes the same attention; unmasked or ungrouped calls are left alone."""
+    from mmr1.sdpa import fused_kernel_inputs
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[..., 0] = True
+    kwargs = {"attn_mask": mask, "enable_gqa": True}
+    k2, v2, kw2 = fused_kernel_inputs(q, k, v, kwargs)
+    assert k2.shape == (2, 8, 7, 16) and kw2["enable_gqa"] is False and kwargs["enable_gqa"] is True
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k2, v2, **kw2),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs),
+                               atol=1e-6, rtol=1e-6)
+    for unchanged in ({"enable_gqa": True, "is_causal": True}, {"attn_mask": mask}):
+        same_k, same_v, same_kw = fused_kernel_inputs(q, k, v, unchanged)
+        assert same_k is k and same_v is v and same_kw is unchanged

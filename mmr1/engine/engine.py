@@ -36,7 +36,7 @@ from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
 from mmr1.engine.speculative import DraftModel, ngram_propose, verify
 from mmr1.engine.stopping import commit_token, end_ids
-from mmr1.engine.sampling import make_generator, sample_row, token_logprobs
+from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
 
 __all__ = ["Engine", "QueueFullError"]
 
@@ -268,9 +268,10 @@ class Engine:
                 logits = forward_paged(self.backbone, self.pool, [self._feed(r) for r in group],
                                        [r.seq.num_cached for r in group], [r.seq.blocks for r in group],
                                        [r.seq.cross_kv for r in group])
-                for i, row in enumerate(group):
-                    fed = row.num_new + len(row.drafts)
-                    if self._advance(row, logits[i][fed - _sampled(row):fed]):
+                per_row = [logits[i][r.num_new + len(r.drafts) - _sampled(r):r.num_new + len(r.drafts)]
+                           for i, r in enumerate(group)]
+                for row, row_logits, token in zip(group, per_row, self._greedy_batch(group, per_row)):
+                    if self._advance(row, row_logits, greedy_token=token):
                         touched.append(row.seq.id)
             self.stats["steps"] += 1
             return touched
@@ -280,9 +281,23 @@ class Engine:
         per_row = forward_packed(self.backbone, self.pool, [self._feed(r) for r in rows],
                                  [r.seq.num_cached for r in rows], [r.seq.blocks for r in rows],
                                  [r.seq.cross_kv for r in rows], tails=[_sampled(r) for r in rows])
-        touched = [row.seq.id for row, logits in zip(rows, per_row) if self._advance(row, logits)]
+        greedy = self._greedy_batch(rows, per_row)
+        touched = [row.seq.id for row, logits, token in zip(rows, per_row, greedy)
+                   if self._advance(row, logits, greedy_token=token)]
         self.stats["steps"] += 1
         return touched
+
+    @staticmethod
+    def _greedy_batch(rows: list[ScheduledRow], per_row: list[torch.Tensor]) -> list[int | None]:
+        """The next token of every row that samples plain greedy this step, all in one argmax (None for the
+        others, which sample_row handles)."""
+        plain = [i for i, row in enumerate(rows) if row.completes and not row.drafts and not row.seq.finished
+                 and plain_greedy(row.seq.params, len(row.seq.output))]
+        tokens: list[int | None] = [None] * len(rows)
+        if len(plain) > 1:
+            for i, token in zip(plain, greedy_tokens(per_row[i][-1] for i in plain)):
+                tokens[i] = token
+        return tokens
 
     def _solo_step(self, row: ScheduledRow) -> list[int]:
         seq = row.seq
@@ -398,10 +413,12 @@ class Engine:
             elif self.draft is not None:  # no room for the drafts: keep only the committed tokens' draft K/V
                 self.draft.rollback(r.seq, len(r.seq.tokens))
 
-    def _advance(self, row: ScheduledRow, logits: torch.Tensor, in_pool: bool = True) -> bool:
+    def _advance(self, row: ScheduledRow, logits: torch.Tensor, in_pool: bool = True,
+                 greedy_token: int | None = None) -> bool:
         """Book this step's forward for one row, given the logits of its last _sampled(row) fed tokens; when its
         tokens are all in, sample / verify from the last 1 + len(drafts) of them. `in_pool`: the forward wrote its
-        K/V to the pool (not only to the batch-1 fast path's copy), so full blocks can be published for reuse."""
+        K/V to the pool (not only to the batch-1 fast path's copy), so full blocks can be published for reuse.
+        `greedy_token`: this row's token when _greedy_batch already took it."""
         seq = row.seq
         if seq.finished:
             return False
@@ -425,7 +442,8 @@ class Engine:
             if self.draft is not None:
                 self.draft.rollback(seq, len(context) + min(accepted, len(row.drafts) - 1))
         else:
-            new = [sample_row(logits[0], seq.params, seq.tokens, seq.generator, len(seq.prompt), ends)]
+            new = [greedy_token if greedy_token is not None
+                   else sample_row(logits[0], seq.params, seq.tokens, seq.generator, len(seq.prompt), ends)]
         for j, token in enumerate(new):  # token j was chosen from logits[j]
             before = len(seq.output)
             done = commit_token(seq, token, ends, self.tokenizer)

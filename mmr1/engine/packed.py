@@ -15,10 +15,10 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 from mmr1.backbone import R1Model
 from mmr1.engine.paged_cache import PagedKVPool, block_table_tensor
+from mmr1.sdpa import sdpa
 
 SHORT_ROW = 16  # rows feeding at most this many tokens share one padded attention call
 
@@ -52,6 +52,10 @@ class _AttentionGroup:
         query_pos = torch.where(self.real, c + j[None, :], c)  # (G, Lg) position of each query
         causal = key_pos[:, None, :] <= query_pos[:, :, None]  # (G, Lg, Sg)
         self.mask = (causal & held[:, None, :]).unsqueeze(1)  # (G, 1, Lg, Sg); every query sees key 0 at least
+        # The real queries as plain indices, built here on the host: a boolean index on the device would cost a
+        # host sync per layer.
+        self.real_flat = self.real.flatten().nonzero().squeeze(1)  # (R,) into the G*Lg padded queries
+        self.real_query = self.query_index.flatten()[self.real_flat]  # (R,) their packed-token positions
 
 
 class PackedBatch:
@@ -78,7 +82,7 @@ class PackedBatch:
         groups = ([short] if short else []) + [[i] for i, n in enumerate(new) if n > SHORT_ROW]
         self.groups = [_AttentionGroup(g, offsets, cached, new, tables, bs) for g in groups]
         for g in self.groups:
-            for name in ("real", "query_index", "slots", "mask"):
+            for name in ("real_flat", "real_query", "query_index", "slots", "mask"):
                 setattr(g, name, getattr(g, name).to(device))
         self._row_of = row_of.to(device)
         self._cross = cross or [None] * len(new)
@@ -104,9 +108,9 @@ class PackedBatch:
         for g in self.groups:
             keys, values = self.pool.gather(layer, g.slots)  # (G, Hkv, Sg, Dh)
             qg = q[0][:, g.query_index].transpose(0, 1)  # (G, H, Lg, Dh)
-            og = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask,
-                                                enable_gqa=True)
-            out[0][:, g.query_index[g.real]] = og.transpose(0, 1)[:, g.real]
+            og = sdpa(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask, enable_gqa=True)  # (G, H, Lg, Dh)
+            og = og.transpose(0, 1).flatten(1, 2)  # (H, G*Lg, Dh)
+            out[0][:, g.real_query] = og[:, g.real_flat]
         return out
 
     def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -60,6 +60,18 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def plain_greedy(params: SamplingParams, num_output: int) -> bool:
+    """Whether sample_row is just the argmax of the raw logits: greedy, no penalty, min_tokens already met."""
+    return (params.greedy and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and num_output >= params.min_tokens)
+
+
+def greedy_tokens(last_logits: Sequence[torch.Tensor]) -> list[int]:
+    """Argmax of each row's logits (V,) in one kernel and one device-to-host copy (an argmax per row would wait
+    for the device once per row)."""
+    return torch.stack(list(last_logits)).argmax(dim=-1).tolist()
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int], generator: torch.Generator,
                num_prompt: int = 0, end_ids: Sequence[int] = ()) -> int:
     """One request's next token from its last logits (V,)."""

@@ -22,6 +22,7 @@ from mmr1.attention import apply_rotary
 from mmr1.backbone import R1Model
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.moe import MoEFeedForward, Router, select_experts
+from mmr1.sdpa import sdpa
 
 
 def solo_eligible(model: R1Model, kv_cache_dtype: str) -> bool:
@@ -196,7 +197,7 @@ def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tenso
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys[i].index_copy_(2, positions, k)
         values[i].index_copy_(2, positions, attn.wv(h).view(L, attn.n_kv_heads, attn.head_dim).transpose(0, 1)[None])
-        out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=visible, enable_gqa=True)  # (1, H, L, Dh)
+        out = sdpa(q, keys[i], values[i], attn_mask=visible, enable_gqa=True)  # (1, H, L, Dh)
         x = x + attn.wo(out[0].transpose(0, 1).reshape(L, -1))  # (L, H Dh)
         h = _norm(block.ffn_norm, x)
         if not isinstance(block.ffn, MoEFeedForward):
