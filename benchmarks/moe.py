@@ -12,6 +12,9 @@ gate (sigmoid(0) = 0.5) and folding the 0.5 into our shared expert's down projec
 `experts_implementation` that runs without extra kernel packages is timed (eager loop, batched_mm, grouped_mm;
 deepgemm and sonicmoe need CUDA kernel libraries that are not installed). batched_mm gathers one (2H, D) + (D, H) weight copy per (token, expert) pair -- 1.5 MB
 each in fp32, 25 GB for 4096 tokens x top-4 -- so it is timed at --batched-tokens, next to our layer at that size.
+Neither layer computes a balance loss unless asked (transformers computes its loss at the model level from router
+logits; mmr1's MoEAux when the trainer reads it), so the "mmr1" rows time the layer alone, as transformers' rows do,
+and the "mmr1 (+ balance losses)" rows time it as a trainer runs it, with its three losses read and backpropagated.
 Numbers are medians over up to --repeats timed calls after --warmup calls, capped at --budget seconds per
 measurement (the eager loop's fwd+bwd takes seconds per call); CPU timings are noisy, compare ratios within one run.
 """
@@ -99,6 +102,21 @@ def ours_like(block: torch.nn.Module, model: str, geo: Geometry, top_k: int, see
     return ours
 
 
+class WithBalanceLosses(torch.nn.Module):
+    """Our layer as a trainer runs it: its balance losses (switch/GShard, sequence-wise, z-loss) are read and
+    backpropagated too. Read or not is the only difference: MoEAux computes them when first read, and transformers'
+    block leaves its load-balancing loss to the model (from router logits, when asked)."""
+
+    def __init__(self, layer: MoEFeedForward):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, aux = self.layer(x)
+        losses = aux.aux_loss + aux.seq_aux_loss + aux.z_loss
+        return out + (0.0 * losses).to(out.dtype)  # zero-weighted: the output is unchanged, the backward runs
+
+
 def run_layer(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = layer(x)
     return out[0] if isinstance(out, tuple) else out  # ours returns (out, aux)
@@ -170,7 +188,9 @@ def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: 
     block.experts.config._experts_implementation = "eager"  # read at every call: switchable per timing
     agree = assert_same_outputs(ours, block, x)
     base = {"model": model, "dtype": dtype_name, "top_k": top_k}
-    rows = [{**base, "impl": "mmr1", "routing_agreement": agree, **measure(ours, x, repeats, warmup, budget_s)}]
+    rows = [{**base, "impl": "mmr1", "routing_agreement": agree, **measure(ours, x, repeats, warmup, budget_s)},
+            {**base, "impl": "mmr1 (+ balance losses)",
+             **measure(WithBalanceLosses(ours), x, repeats, warmup, budget_s)}]
     if model == "mixtral":  # the seed's group-limited routing (16 groups of 8, best 4 groups): same expert cost
         seed = ours_like(block, model, geo, top_k, seed_routing=True).to(device, dtype)
         rows.append({**base, "impl": "mmr1 (seed routing)", **measure(seed, x, repeats, warmup, budget_s)})

@@ -10,6 +10,8 @@ chosen layers, gated cross-attention to modality tokens (image/audio encoder out
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 
@@ -28,10 +30,21 @@ from mmr1.norm import RMSNorm
 @dataclass
 class R1Output:
     logits: torch.Tensor  # (B, L, V)
-    aux_loss: torch.Tensor  # () sum of the MoE layers' load-balancing losses (0 without MoE); not yet scaled by coef
-    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # one (E,) count per MoE layer
     hidden_states: torch.Tensor | None = None  # (B, L, D) final-normed states the logits are computed from
     moe_aux: list[MoEAux] = field(default_factory=list)  # per MoE layer: its losses and routing telemetry
+
+    @functools.cached_property
+    def aux_loss(self) -> torch.Tensor:
+        """() sum of the MoE layers' load-balancing losses (0 without MoE), not yet scaled by the coef; computed
+        when first read, like the layers' own (MoEAux)."""
+        if not self.moe_aux:
+            return torch.zeros((), device=self.logits.device)
+        return torch.stack([aux.aux_loss for aux in self.moe_aux]).sum()
+
+    @property
+    def tokens_per_expert(self) -> list[torch.Tensor]:
+        """One (E,) count per MoE layer."""
+        return [aux.tokens_per_expert for aux in self.moe_aux]
 
 
 class DecoderBlock(nn.Module):
@@ -188,19 +201,15 @@ class R1Model(nn.Module):
         if self.cfg.global_tokens is not None:  # designated global tokens (BOS, modality markers)
             global_mask = torch.isin(input_ids, torch.tensor(self.cfg.global_tokens, device=input_ids.device))
         x = self.tok_embeddings(input_ids)  # (B, L, D)
-        aux_losses, tokens_per_expert, moe_aux = [], [], []
+        moe_aux = []
         for block in self.layers:
             x, aux = block(x, cos, sin, attn_mask, attention_mask, cross_states, cross_mask, cache, key_mask,
                            global_mask)
             if aux is not None:
-                aux_losses.append(aux.aux_loss)
-                tokens_per_expert.append(aux.tokens_per_expert)
                 moe_aux.append(aux)
         if cache is not None:
             cache.advance(L)
 
         x = self.norm(x)
         logits = self.lm_head(x if logits_at is None else x[:, logits_at])  # (B, L or K, V)
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else torch.zeros((), device=logits.device)
-        return R1Output(logits=logits, aux_loss=aux_loss, tokens_per_expert=tokens_per_expert, hidden_states=x,
-                        moe_aux=moe_aux)
+        return R1Output(logits=logits, hidden_states=x, moe_aux=moe_aux)

@@ -9,6 +9,7 @@ expert runs one matmul over a contiguous block of tokens; the routed weights are
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,21 +22,69 @@ from mmr1.feedforward import SwiGLU
 from mmr1.moe_kernels import grouped_swiglu, routed_swiglu
 
 
-@dataclass
 class MoEAux:
-    """What an MoE layer reports besides its output. Losses are unweighted (the trainer applies the coefs)
-    and carry gradients; everything else is detached telemetry. Counts are over real tokens only."""
+    """What an MoE layer reports besides its output: balance losses and routing telemetry, each computed when first
+    read. Training reads them; inference (the engine, generate) never does and so never pays for them -- about
+    three quarters of the router's operators, which dominate a small batch's layer on a GPU. Losses are unweighted
+    (the trainer applies the coefs) and carry gradients; the rest is detached. Counts are over real tokens only.
 
-    aux_loss: torch.Tensor  # () switch/GShard load-balancing loss; 1.0 when perfectly balanced
-    tokens_per_expert: torch.Tensor  # (E,) assignments the router chose per expert (before capacity drops)
-    seq_aux_loss: torch.Tensor | None = None  # () DeepSeek-V3 per-sequence balance loss, mean over sequences
-    z_loss: torch.Tensor | None = None  # () mean over real tokens of logsumexp(router logits)^2
-    expert_indices: torch.Tensor | None = None  # (N, slots) long, experts that ran; -1 = unused or dropped slot
-    token_mask: torch.Tensor | None = None  # (N,) bool, True = real token; None = all real
-    router_entropy: torch.Tensor | None = None  # () mean entropy (nats) of the routing distribution
-    mean_experts_per_token: torch.Tensor | None = None  # () experts chosen per real token (before drops)
-    dropped_tokens: torch.Tensor | None = None  # () long, real (token, expert) assignments dropped by capacity
-    layer_idx: int | None = None  # the decoder block this layer sits in (set by the backbone), for telemetry
+        aux_loss              () switch/GShard load-balancing loss; 1.0 when perfectly balanced
+        tokens_per_expert     (E,) assignments the router chose per expert (before capacity drops)
+        seq_aux_loss          () DeepSeek-V3 per-sequence balance loss, mean over sequences
+        z_loss                () mean over real tokens of logsumexp(router logits)^2
+        expert_indices        (N, slots) long, experts that ran; -1 = unused or dropped slot
+        token_mask            (N,) bool, True = real token; None = all real
+        router_entropy        () mean entropy (nats) of the routing distribution
+        mean_experts_per_token  () experts chosen per real token (before drops)
+        dropped_tokens        () long, real (token, expert) assignments dropped by capacity
+        layer_idx             the decoder block this layer sits in (set by the backbone), for telemetry
+    """
+
+    def __init__(self, probs: torch.Tensor, logits: torch.Tensor, chosen: torch.Tensor, indices: torch.Tensor,
+                 token_mask: torch.Tensor | None, seq_len: int, dropped_tokens: torch.Tensor | None = None):
+        self._probs, self._logits, self._chosen, self._seq_len = probs, logits, chosen, seq_len  # (N, E), (N, E), (N, k)
+        self.expert_indices = indices.detach()
+        self.token_mask = token_mask
+        self._dropped = dropped_tokens
+        self.layer_idx: int | None = None
+
+    @property
+    def dropped_tokens(self) -> torch.Tensor:
+        if self._dropped is None:  # no capacity limit
+            self._dropped = torch.zeros((), dtype=torch.long, device=self.expert_indices.device)
+        return self._dropped
+
+    @functools.cached_property
+    def _balance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_balancing_loss(self._probs, self._chosen, self.token_mask)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self._balance[0]
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        return self._balance[1]
+
+    @functools.cached_property
+    def seq_aux_loss(self) -> torch.Tensor:
+        return sequence_balance_loss(self._probs, self._chosen, self.token_mask, self._seq_len)
+
+    @functools.cached_property
+    def z_loss(self) -> torch.Tensor:
+        return router_z_loss(self._logits, self.token_mask)
+
+    @functools.cached_property
+    def router_entropy(self) -> torch.Tensor:
+        with torch.no_grad():
+            real = _real_weights(self.token_mask, self._probs.shape[0], self._probs)
+            return (torch.special.entr(self._probs).sum(dim=-1) * real).sum() / real.sum().clamp_min(1.0)
+
+    @functools.cached_property
+    def mean_experts_per_token(self) -> torch.Tensor:
+        with torch.no_grad():
+            real = _real_weights(self.token_mask, self._probs.shape[0], self._probs)
+            return ((self._chosen >= 0).sum(dim=-1) * real).sum() / real.sum().clamp_min(1.0)
 
 
 @dataclass
@@ -193,22 +242,11 @@ class Router(nn.Module):
             scores = logits.sigmoid()
             probs = scores / scores.sum(dim=-1, keepdim=True)  # a distribution for the balance losses
         weights, indices = select_experts(scores, self.cfg, self.expert_bias if self.cfg.aux_free_bias else None)
-        aux_loss, tokens_per_expert = load_balancing_loss(probs, indices, token_mask)
-        seq_aux_loss = sequence_balance_loss(probs, indices, token_mask, seq_len or N)
-        chosen = indices
-        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        chosen, dropped = indices, None
         if self.cfg.capacity_factor is not None:
             weights, indices, dropped = apply_capacity(weights, indices, self.cfg.capacity_factor,
                                                        self.cfg.num_experts, token_mask)
-        real = _real_weights(token_mask, N, probs)
-        n_real = real.sum().clamp_min(1.0)
-        with torch.no_grad():
-            entropy = (torch.special.entr(probs).sum(dim=-1) * real).sum() / n_real
-            experts_per_token = ((chosen >= 0).sum(dim=-1) * real).sum() / n_real
-        aux = MoEAux(aux_loss, tokens_per_expert, seq_aux_loss=seq_aux_loss,
-                     z_loss=router_z_loss(logits, token_mask), expert_indices=indices.detach(),
-                     token_mask=token_mask, router_entropy=entropy, mean_experts_per_token=experts_per_token,
-                     dropped_tokens=dropped)
+        aux = MoEAux(probs, logits, chosen, indices, token_mask, seq_len or N, dropped)
         return Routing(weights, indices, aux)
 
     @torch.no_grad()

@@ -163,3 +163,31 @@ def test_aux_loss_is_differentiable_through_the_router():
     assert aux.aux_loss.item() > 0
     (grad,) = torch.autograd.grad(aux.aux_loss, [moe.router.gate.weight])
     assert grad.abs().sum() > 0
+
+
+def test_moe_aux_is_computed_when_read_and_carries_gradients():
+    """Inference never reads the balance losses or telemetry, so the layer leaves them uncomputed; read, they equal
+    the loss functions on the router's outputs and their gradients reach the router."""
+    from mmr1.moe import router_z_loss, sequence_balance_loss
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, num_groups=2, topk_groups=1, top_k=2, expert_hidden=16)
+    layer = MoEFeedForward(32, cfg)
+    x = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    _, aux = layer(x, mask)
+    computed = {"_balance", "seq_aux_loss", "z_loss", "router_entropy", "mean_experts_per_token"}
+    assert computed.isdisjoint(vars(aux))  # nothing beyond the routing itself ran
+    flat, flat_mask = x.reshape(10, 32), mask.reshape(10)
+    logits = flat @ layer.router.gate.weight.T
+    probs = logits.softmax(-1)
+    chosen = aux.expert_indices
+    expected_aux, expected_counts = load_balancing_loss(probs, chosen, flat_mask)
+    torch.testing.assert_close(aux.aux_loss, expected_aux)
+    assert torch.equal(aux.tokens_per_expert, expected_counts)
+    torch.testing.assert_close(aux.seq_aux_loss, sequence_balance_loss(probs, chosen, flat_mask, 5))
+    torch.testing.assert_close(aux.z_loss, router_z_loss(logits, flat_mask))
+    assert aux.mean_experts_per_token.item() == 2.0 and int(aux.dropped_tokens) == 0
+    (aux.aux_loss + aux.z_loss).backward()
+    assert layer.router.gate.weight.grad is not None and layer.router.gate.weight.grad.abs().sum() > 0
