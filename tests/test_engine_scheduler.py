@@ -176,6 +176,7 @@ def test_static_batching_waits_for_the_whole_batch():
     assert eng._seqs[a].finished and eng._seqs[c].status is Status.WAITING  # a's slot stays empty
     steps = run(eng)
     assert steps == 3 + 1 and eng.output(c).token_ids == reference_generate([3], 1)
+    assert eng.output(b).token_ids == reference_generate([2], 5)
 
 
 def test_soak_1000_requests_with_random_aborts_leaks_nothing():

@@ -64,7 +64,7 @@ def token_sum_loss(model, batch, encode_absent: bool) -> tuple[torch.Tensor, tor
 def test_encode_absent_is_bit_identical_and_reaches_every_parameter(rows):
     model = make_model()
     batch = make_batch(model, rows, seed=3)
-    grads = {}
+    grads, reference = {}, None
     for encode_absent in (False, True):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(5)  # the same dropout draws in the wav2vec2 encoder

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmr1.config import MoEConfig, R1Config
-from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
+from mmr1.model import MultimodalConfig, MultimodalR1
 from mmr1.tokenizer import R1Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
