@@ -19,6 +19,7 @@ from encoders.base import ModalityEncoder, ModalityProcessor
 from fusion.projector import ProjectorConfig, build_projector
 from mmr1.backbone import R1Model, R1Output
 from mmr1.config import R1Config, config_from_dict, config_to_dict
+from mmr1.sdpa import attention_backends
 from mmr1.tokenizer import R1Tokenizer
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
@@ -96,7 +97,8 @@ class MultimodalR1(nn.Module):
         encoder = self.encoders[key]
         device = self.modality_embeddings[key].device  # processors collate on the CPU (data workers, engine queues)
         values, mask = values.to(device), None if mask is None else mask.to(device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not getattr(encoder, "frozen", False)):
+        with (torch.set_grad_enabled(torch.is_grad_enabled() and not getattr(encoder, "frozen", False)),
+              attention_backends(device)):
             tokens, token_mask = encoder(values, mask)  # (N, T, enc_dim), (N, T)
         tokens, token_mask = self.projectors[key](tokens, token_mask)  # (N, T', dim)
         return tokens + self.modality_embeddings[key].to(tokens.dtype), token_mask

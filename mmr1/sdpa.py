@@ -7,23 +7,56 @@ it, benchmarks/results/gpu_checks.md), and training with padded batches sees new
 flash and memory-efficient kernels need no plan. Flash takes no mask and the memory-efficient kernel no grouped
 K/V heads, so a masked grouped-query call repeats K/V to the query heads first (as transformers does), instead of
 falling through to the unfused math kernel.
+
+torch's backend switches are process-wide, not per thread, and the engine encodes images and audio in worker
+threads while the main thread decodes. So cuDNN is switched off while any thread is inside `without_cudnn` and
+back to what it was when the last one leaves, under a lock; the other backends stay as the user set them.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_switch = threading.Lock()
+_inside = 0  # threads inside without_cudnn()
+_cudnn_before: bool | None = None  # cuDNN's switch when the first of them entered
+
+
+@contextlib.contextmanager
+def without_cudnn() -> Iterator[None]:
+    """torch.backends.cuda's cuDNN attention switch off inside; restored when the last thread leaves."""
+    global _inside, _cudnn_before
+    with _switch:
+        if _inside == 0:
+            _cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _inside += 1
+    try:
+        yield
+    finally:
+        with _switch:
+            _inside -= 1
+            if _inside == 0:
+                torch.backends.cuda.enable_cudnn_sdp(_cudnn_before)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v, **kwargs) with CUDA_BACKENDS on CUDA; unchanged elsewhere."""
+    """F.scaled_dot_product_attention(q, k, v, **kwargs), without cuDNN on CUDA; unchanged elsewhere."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     k, v, kwargs = fused_kernel_inputs(q, k, v, kwargs)
-    with sdpa_kernel(CUDA_BACKENDS):
+    with without_cudnn():
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context for code that calls F.scaled_dot_product_attention itself (the encoders: transformers' Wav2Vec2
+    pads each batch to its longest clip, so it sees new lengths too): without_cudnn on CUDA, nothing elsewhere."""
+    return without_cudnn() if device.type == "cuda" else contextlib.nullcontext()
 
 
 def fused_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict

@@ -29,6 +29,10 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, timeout_s: float
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
+        # Every rank finished before any tears gloo down: a rank that exits while its peer still talks to it can
+        # abort in gloo's threads ("terminate called without an active exception"). A failed rank skips this and
+        # run_on_ranks ends the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -152,3 +152,33 @@ def test_fused_kernel_inputs_keep_masked_grouped_query_attention_exact():
     for unchanged in ({"enable_gqa": True, "is_causal": True}, {"attn_mask": mask}):
         same_k, same_v, same_kw = fused_kernel_inputs(q, k, v, unchanged)
         assert same_k is k and same_v is v and same_kw is unchanged
+
+
+def test_attention_backends_leave_cudnn_out_on_cuda_only():
+    """Encoders call SDPA themselves; MultimodalR1.encode_modality runs them inside attention_backends, which on
+    CUDA switches cuDNN attention off and nothing else, and switches it back when the last thread leaves (the
+    engine's encoder workers and its decoding thread overlap)."""
+    import threading
+
+    from mmr1.sdpa import attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with attention_backends(torch.device("cuda")):
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(10)
+    with attention_backends(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled() == flash
+    assert not torch.backends.cuda.cudnn_sdp_enabled()  # the worker is still inside
+    release.set()
+    thread.join(10)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with attention_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
