@@ -17,6 +17,8 @@ logits; mmr1's MoEAux when the trainer reads it), so the "mmr1" rows time the la
 and the "mmr1 (+ balance losses)" rows time it as a trainer runs it, with its three losses read and backpropagated.
 Numbers are medians over up to --repeats timed calls after --warmup calls, capped at --budget seconds per
 measurement (the eager loop's fwd+bwd takes seconds per call); CPU timings are noisy, compare ratios within one run.
+Ours and transformers' fast options are measured in --rounds alternating passes and each reports the median of its
+passes, so a drift in the machine's speed during the run hits both sides alike.
 """
 from __future__ import annotations
 
@@ -176,37 +178,71 @@ def measure(layer, x, repeats, warmup, budget_s) -> dict:
             "timed_calls": [n_fb, n_f]}
 
 
+class HFImplementation(torch.nn.Module):
+    """transformers' block with one `experts_implementation` (its config is read at every call, so each timed
+    call sets its own: the implementations can be measured in alternation on one block)."""
+
+    def __init__(self, block: torch.nn.Module, impl: str):
+        super().__init__()
+        self.block, self.impl = block, impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.block.experts.config._experts_implementation = self.impl
+        return run_layer(self.block, x)
+
+
+def measure_together(layers: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, repeats: int, warmup: int,
+                     budget_s: float) -> dict[str, dict]:
+    """measure() of each layer in `rounds` alternating passes, each layer's times the median of its passes: a
+    drift in the machine's speed (this CPU's moves by 20 % over minutes) hits every layer alike."""
+    passes: dict[str, list[dict]] = {name: [] for name in layers}
+    for _ in range(rounds):
+        for name, layer in layers.items():
+            passes[name].append(measure(layer, x, repeats, warmup, budget_s))
+    n = x.shape[0] * x.shape[1]
+    out = {}
+    for name, results in passes.items():
+        fb = statistics.median(r["fwd_bwd_s"] for r in results)
+        f = statistics.median(r["fwd_s"] for r in results)
+        out[name] = {"tokens": n, "fwd_bwd_s": fb, "fwd_s": f, "fwd_bwd_tok_s": n / fb, "fwd_tok_s": n / f,
+                     "timed_calls": [sum(r["timed_calls"][i] for r in results) for i in (0, 1)], "rounds": rounds}
+    return out
+
+
 def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: int, warmup: int,
-               budget_s: float, device: str = "cpu") -> list[dict]:
-    """All rows of one (model, dtype, top-k): ours and each transformers implementation, with ratios."""
+               budget_s: float, device: str = "cpu", rounds: int = 3) -> list[dict]:
+    """All rows of one (model, dtype, top-k): ours and each transformers implementation, with ratios. Ours and
+    transformers' grouped_mm (and, at the small size, batched_mm) are measured in alternation; the eager loop,
+    seconds per call, once."""
     torch.manual_seed(0)
     dtype = DTYPES[dtype_name]
     block = hf_block(model, geo, top_k).to(device, dtype)
     ours = ours_like(block, model, geo, top_k).to(device, dtype)
     x = torch.randn(1, geo.tokens, geo.dim, dtype=dtype, device=device, requires_grad=True)
     x_small = x.detach()[:, : geo.batched_tokens].clone().requires_grad_(True)
-    block.experts.config._experts_implementation = "eager"  # read at every call: switchable per timing
+    block.experts.config._experts_implementation = "eager"
     agree = assert_same_outputs(ours, block, x)
-    base = {"model": model, "dtype": dtype_name, "top_k": top_k}
-    rows = [{**base, "impl": "mmr1", "routing_agreement": agree, **measure(ours, x, repeats, warmup, budget_s)},
-            {**base, "impl": "mmr1 (+ balance losses)",
-             **measure(WithBalanceLosses(ours), x, repeats, warmup, budget_s)}]
-    if model == "mixtral":  # the seed's group-limited routing (16 groups of 8, best 4 groups): same expert cost
-        seed = ours_like(block, model, geo, top_k, seed_routing=True).to(device, dtype)
-        rows.append({**base, "impl": "mmr1 (seed routing)", **measure(seed, x, repeats, warmup, budget_s)})
-    ours_small = None
     for impl in HF_IMPLEMENTATIONS:
         block.experts.config._experts_implementation = impl
-        inp = x_small if impl == "batched_mm" else x
-        assert_same_outputs(ours, block, inp)
-        row = {**base, "impl": impl, **measure(block, inp, repeats, warmup, budget_s)}
+        assert_same_outputs(ours, block, x_small if impl == "batched_mm" else x)
+    base = {"model": model, "dtype": dtype_name, "top_k": top_k}
+    full = {"mmr1": ours, "mmr1 (+ balance losses)": WithBalanceLosses(ours)}
+    if model == "mixtral":  # the seed's group-limited routing (16 groups of 8, best 4 groups): same expert cost
+        full["mmr1 (seed routing)"] = ours_like(block, model, geo, top_k, seed_routing=True).to(device, dtype)
+    full["grouped_mm"] = HFImplementation(block, "grouped_mm")
+    timed = measure_together(full, x, rounds, repeats, warmup, budget_s)
+    timed["eager"] = measure(HFImplementation(block, "eager"), x, repeats, warmup, budget_s)
+    small = measure_together({"mmr1": ours, "batched_mm": HFImplementation(block, "batched_mm")}, x_small, rounds,
+                             repeats, warmup, budget_s)
+    rows = [{**base, "impl": name, **timed[name]} for name in full if name != "grouped_mm"]
+    rows[0]["routing_agreement"] = agree
+    for impl, mine in (("eager", timed["mmr1"]), ("grouped_mm", timed["mmr1"]), ("batched_mm", small["mmr1"])):
+        theirs = (small if impl == "batched_mm" else timed)[impl]
         if impl == "batched_mm":
-            ours_small = {**base, "impl": "mmr1", **measure(ours, x_small, repeats, warmup, budget_s)}
-            rows.append(ours_small)
-        mine = ours_small if impl == "batched_mm" else rows[0]
-        row["ours_over_theirs_fwd_bwd"] = mine["fwd_bwd_tok_s"] / row["fwd_bwd_tok_s"]
-        row["ours_over_theirs_fwd"] = mine["fwd_tok_s"] / row["fwd_tok_s"]
-        rows.append(row)
+            rows.append({**base, "impl": "mmr1", **mine})
+        rows.append({**base, "impl": impl, **theirs,
+                     "ours_over_theirs_fwd_bwd": mine["fwd_bwd_tok_s"] / theirs["fwd_bwd_tok_s"],
+                     "ours_over_theirs_fwd": mine["fwd_tok_s"] / theirs["fwd_tok_s"]})
     return rows
 
 
@@ -251,7 +287,9 @@ def markdown(result: dict) -> str:
     lines = [f"`{result['command']}` on {m['cores']} CPU cores ({m['cpu']}, torch threads {m['torch_threads']}), "
              f"timed on: {m.get('device', 'cpu')}; torch {m['torch']}, transformers {m['transformers']}; mmr1 kernel per dtype "
              f"{result['mmr1_kernel']}; median over <= {result['repeats']} timed calls after {result['warmup']} "
-             f"warm-up (<= {result['budget_s']:g} s each); total {result['total_seconds']:.0f} s.", "",
+             f"warm-up (<= {result['budget_s']:g} s each), ours and transformers' grouped_mm / batched_mm in "
+             f"{result.get('rounds', 1)} alternating rounds (median of the rounds); total "
+             f"{result['total_seconds']:.0f} s.", "",
              ]
     lines += ["| model | dtype | top-k | impl | tokens | fwd+bwd tok/s | fwd tok/s | ours/theirs fwd+bwd | ours/theirs fwd |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -274,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny geometry, fp32, top-2 only: a smoke run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating passes of ours vs transformers' fast options")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--top-k", nargs="+", type=int, default=[2, 4], help="filters CASES")
     parser.add_argument("--models", nargs="+", default=["mixtral", "qwen2_moe"], choices=["mixtral", "qwen2_moe"])
@@ -290,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         geo = Geometry(dim=64, expert_hidden=32, num_experts=16, num_groups=4, topk_groups=2, tokens=256,
                        batched_tokens=32)
-        args.repeats, args.warmup, args.dtypes = 1, 1, ["fp32"]
+        args.repeats, args.warmup, args.rounds, args.dtypes = 1, 1, 1, ["fp32"]
     cases = [(m, k) for m, k in CASES if m in args.models and k in args.top_k]
     if args.quick:
         cases = [(m, 2) for m in args.models]
@@ -299,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for dtype_name in args.dtypes:
         for model, top_k in cases:
-            rows += bench_case(model, dtype_name, top_k, geo, args.repeats, args.warmup, args.budget, args.device)
+            rows += bench_case(model, dtype_name, top_k, geo, args.repeats, args.warmup, args.budget, args.device,
+                               args.rounds)
             print(f"done {model} {dtype_name} top-{top_k} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
     result = {
         "command": "python -m benchmarks.moe " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -308,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "transformers": transformers.__version__, "gpu": torch.cuda.is_available(),
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
         "geometry": vars(geo), "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget,
+        "rounds": args.rounds,
         "mmr1_kernel": {d: kernel_used(device, DTYPES[d]) for d in args.dtypes},
         "rows": rows,
         "dynamic_activation": {"note": dynamic_activation_savings.__doc__.split("\n\n")[1].strip(),
