@@ -11,7 +11,6 @@ chosen layers, gated cross-attention to modality tokens (image/audio encoder out
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass, field
 

@@ -53,13 +53,20 @@ def padded_bmm_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tenso
     E = counts.shape[0]
     if capacity is None:
         capacity = int(counts.max()) if M else 0
-    starts = counts.cumsum(0) - counts  # (E,) first row of each expert
-    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)  # (M,)
-    slot = expert_of_row * capacity + torch.arange(M, device=x.device) - starts[expert_of_row]  # (M,) in E*C
+    slot = _padded_slots(counts, M, capacity)  # (M,) in E*C
     padded = x.new_zeros(E * capacity, D).index_copy(0, slot, x).view(E, capacity, D)  # (E, C, D)
     hidden = F.silu(torch.bmm(padded, w_gate)) * torch.bmm(padded, w_up)  # (E, C, H)
     out = torch.bmm(hidden, w_down)  # (E, C, D)
     return out.reshape(E * capacity, D)[slot]  # (M, D)
+
+
+def _padded_slots(counts: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
+    """(E,) rows per expert of `rows` expert-sorted rows -> (rows,) each row's slot in an (E * capacity) padded
+    block: expert e's i-th row goes to e * capacity + i."""
+    starts = counts.cumsum(0) - counts  # (E,) first row of each expert
+    expert_of_row = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts,
+                                            output_size=rows)  # (rows,)
+    return expert_of_row * capacity + torch.arange(rows, device=counts.device) - starts[expert_of_row]
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -118,7 +125,7 @@ def routed_swiglu(flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: 
     (N, D), each token's weighted sum of its experts' SwiGLU outputs.
 
     Grouped GEMM sorts the assignments by expert, gathers their rows, multiplies, weights and scatter-adds them
-    back (dispatch_sorted). The padded path (CPU, bf16) goes straight from tokens to an (E, C, D) block and back:
+    back (sort_assignments, grouped_mm_swiglu, combine_sorted). The padded path (CPU, bf16) goes straight from tokens to an (E, C, D) block and back:
     one gather in, one index_add out, where sorting first and padding second moves every row twice more, forward
     and backward (6-11 % of a bf16 layer's fwd+bwd at the seed geometry). `path` forces "grouped" or "padded"."""
     order, slot_tokens, counts = sort_assignments(slot_experts, w_gate.shape[0], flat.shape[0], has_unused)
@@ -167,9 +174,7 @@ def _padded_routed(flat: torch.Tensor, slot_tokens: torch.Tensor, counts: torch.
                    capacity: int, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     N, D = flat.shape
     E, M = counts.shape[0], slot_tokens.shape[0]
-    starts = counts.cumsum(0) - counts  # (E,) first sorted assignment of each expert
-    expert_of_row = torch.repeat_interleave(torch.arange(E, device=flat.device), counts, output_size=M)  # (M,)
-    slot = expert_of_row * capacity + torch.arange(M, device=flat.device) - starts[expert_of_row]  # (M,) in E*C
+    slot = _padded_slots(counts, M, capacity)  # (M,) in E*C
     # Padding slots read a zero row N and carry weight 0, so they add nothing to outputs or gradients.
     token_of_slot = torch.full((E * capacity,), N, dtype=torch.long, device=flat.device).index_copy_(
         0, slot, slot_tokens)  # (E*C,)

@@ -91,6 +91,9 @@ class BlockAllocator:
         self._block_of[prefix_hash] = block
         self._hash_of[block] = prefix_hash
 
+    def is_registered(self, block: int) -> bool:
+        return block in self._hash_of
+
     def cached_prefix(self, hashes: list[bytes]) -> list[int]:
         """The blocks holding the longest run of `hashes` (a sequence's block hashes, in order) that is cached."""
         blocks = []

@@ -128,8 +128,12 @@ class Scheduler:
         full = min(num_in_pool, seq.num_cached) // bs
         if len(seq.block_hashes) < full:  # called every step: hash (and build seq.tokens) only for new blocks
             extend_block_hashes(seq.block_hashes, seq.tokens, bs, seq.cache_key, max_blocks=full)
-        for block, prefix_hash in zip(seq.blocks[:full], seq.block_hashes[:full]):
-            self.allocator.register(block, prefix_hash)
+        # From the newest full block back to the first one already published: the ones before it were published
+        # (or found their prefix published by another block) in an earlier call, so a step costs only its new blocks.
+        for i in range(full - 1, -1, -1):
+            if self.allocator.is_registered(seq.blocks[i]):
+                break
+            self.allocator.register(seq.blocks[i], seq.block_hashes[i])
 
     # ---- one step's batch ------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledRow]:

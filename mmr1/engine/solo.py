@@ -22,6 +22,7 @@ from mmr1.attention import apply_rotary
 from mmr1.backbone import R1Model
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.moe import MoEFeedForward, Router, select_experts
+from mmr1.norm import rms_norm
 from mmr1.sdpa import sdpa
 
 
@@ -89,7 +90,7 @@ class SoloCache:
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm.forward without the module call (the fast path runs it twice per layer per token)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight
+    return rms_norm(x, norm.weight, norm.eps)
 
 
 def _route_one(router: Router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
