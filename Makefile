@@ -46,8 +46,9 @@ demo-hybrid: $(STAMP) $(DEMO_DATA)/train.jsonl
 clean-demo:
 	rm -rf $(DEMO_RUN) runs/demo_draft
 
-bench: $(STAMP) bench-long
+bench: $(STAMP) bench-long $(DEMO_DATA)/train.jsonl
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
+	$(PY) -m benchmarks.host_memory --out benchmarks/results/host_memory
 	$(PY) -m benchmarks.engine --out benchmarks/results/engine
 	$(PY) -m benchmarks.moe_few_tokens --out benchmarks/results/moe_few_tokens
 	$(PY) -m benchmarks.prefix_cache --out benchmarks/results/prefix_cache

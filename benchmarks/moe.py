@@ -19,6 +19,9 @@ Numbers are medians over up to --repeats timed calls after --warmup calls, cappe
 measurement (the eager loop's fwd+bwd takes seconds per call); CPU timings are noisy, compare ratios within one run.
 Ours and transformers' fast options are measured in --rounds alternating passes and each reports the median of its
 passes, so a drift in the machine's speed during the run hits both sides alike.
+The process keeps freed host memory for reuse (`mmr1.host_memory.keep_freed_memory`, both sides alike; `--allocator
+default` leaves glibc's defaults): otherwise every call maps its 32-64 MB weight-gradient buffers in afresh and a
+third of the run is kernel time spent faulting pages, which side pays more depending on what ran before it.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 
 from benchmarks.report import publish
 from mmr1.config import MoEConfig
+from mmr1.host_memory import keep_freed_memory
 from mmr1.moe import MoEFeedForward, select_experts
 from mmr1.moe_kernels import cpu_path, grouped_mm_available
 
@@ -288,7 +292,8 @@ def markdown(result: dict) -> str:
              f"timed on: {m.get('device', 'cpu')}; torch {m['torch']}, transformers {m['transformers']}; mmr1 kernel per dtype "
              f"{result['mmr1_kernel']}; median over <= {result['repeats']} timed calls after {result['warmup']} "
              f"warm-up (<= {result['budget_s']:g} s each), ours and transformers' grouped_mm / batched_mm in "
-             f"{result.get('rounds', 1)} alternating rounds (median of the rounds); total "
+             f"{result.get('rounds', 1)} alternating rounds (median of the rounds); host allocator: "
+             f"{m.get('host_allocator', 'glibc default')}; total "
              f"{result['total_seconds']:.0f} s.", "",
              ]
     lines += ["| model | dtype | top-k | impl | tokens | fwd+bwd tok/s | fwd tok/s | ours/theirs fwd+bwd | ours/theirs fwd |",
@@ -320,8 +325,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--batched-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU is there")
+    parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
+                        help="keep: glibc keeps freed host memory for reuse (mmr1.host_memory); default: as started")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
+    allocator = "glibc default"
+    if args.allocator == "keep":
+        allocator = ("freed memory kept (mmr1.host_memory.keep_freed_memory)" if keep_freed_memory()
+                     else "default (not glibc)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
@@ -346,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "gpu": torch.cuda.is_available(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "host_allocator": allocator},
         "geometry": vars(geo), "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget,
         "rounds": args.rounds,
         "mmr1_kernel": {d: kernel_used(device, DTYPES[d]) for d in args.dtypes},

@@ -133,8 +133,10 @@ def test_autocast_bf16_matches_the_loop_under_autocast():
 def test_benchmark_quick_run_writes_table_and_json(tmp_path):
     from benchmarks.moe import main
 
-    result = main(["--quick", "--out", str(tmp_path / "moe")])  # asserts parity with transformers before timing
+    # asserts parity with transformers before timing; "--allocator default": leave this test process's malloc alone
+    result = main(["--quick", "--allocator", "default", "--out", str(tmp_path / "moe")])
     saved = json.loads((tmp_path / "moe.json").read_text())
+    assert saved["machine"]["host_allocator"] == "glibc default"
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     impls = {(r["model"], r["impl"]) for r in saved["rows"]}
     for model in ("mixtral", "qwen2_moe"):

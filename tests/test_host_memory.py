@@ -1,0 +1,87 @@
+"""mmr1.host_memory: with freed memory kept, a large CPU tensor allocated again after free() is not faulted in
+page by page. Each case runs in its own interpreter: the setting is process-wide and cannot be undone."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mmr1.host_memory import is_glibc, keep_freed_memory
+
+pytestmark = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
+
+# Allocate, touch and free a 64 MB tensor (above glibc's largest adaptive mmap threshold, 32 MB) again and again;
+# print the minor page faults per allocation after the first.
+PROBE = """
+import json, resource, sys, torch
+setup = sys.argv[1]
+if setup == "function":
+    from mmr1.host_memory import keep_freed_memory
+    applied = keep_freed_memory()
+elif setup == "callback":
+    import lightning
+    from mmr1.host_memory import KeepFreedHostMemory
+    callback = KeepFreedHostMemory()
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, callbacks=[callback], logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    callback.setup(trainer, None, "fit")
+    applied = callback.applied
+else:
+    applied = False
+def touch():
+    x = torch.empty(64 << 20, dtype=torch.uint8)
+    x.fill_(1)
+    del x
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    touch()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+print(json.dumps({"applied": applied, "faults_per_alloc": faults}))
+"""
+PAGES = (64 << 20) // 4096
+
+
+def probe(setup: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, setup], capture_output=True, text=True, check=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_default_glibc_faults_every_page_of_a_large_tensor_again():
+    assert probe("none")["faults_per_alloc"] > 0.9 * PAGES  # the cost the module exists to remove
+
+
+@pytest.mark.parametrize("setup", ["function", "callback"])
+def test_kept_memory_is_reused_without_faults(setup):
+    result = probe(setup)
+    assert result["applied"] is True
+    assert result["faults_per_alloc"] < 0.25 * PAGES  # at most a heap extension now and then, not every page
+
+
+def test_bad_thresholds_are_refused_before_touching_malloc():
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        keep_freed_memory(mmap_threshold=0)
+    with pytest.raises(ValueError, match="trim_threshold"):
+        keep_freed_memory(trim_threshold=2**31)
+
+
+def test_benchmark_variants_toggle_only_the_callback_and_write_outside_runs(tmp_path):
+    import yaml
+    from pathlib import Path
+
+    from benchmarks.host_memory import CALLBACK, variant
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "r1-moe-128x16.yaml").read_text())
+    assert CALLBACK in [c["class_path"] for c in shipped["trainer"]["callbacks"]]
+    keep, default = variant(shipped, True, tmp_path), variant(shipped, False, tmp_path)
+    names = lambda cfg: [c["class_path"] for c in cfg["trainer"]["callbacks"]]  # noqa: E731
+    assert names(keep).count(CALLBACK) == 1 and CALLBACK not in names(default)
+    assert [n for n in names(keep) if n != CALLBACK] == names(default)
+    for cfg in (keep, default):
+        assert cfg["model"] == shipped["model"] and cfg["data"] == shipped["data"]
+        assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path)
+        checkpoint = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+        assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "checkpoints")
+    assert "runs/" in shipped["trainer"]["logger"]["init_args"]["save_dir"]  # the shipped config is untouched
