@@ -50,15 +50,21 @@ def probe(setup: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_default_glibc_faults_every_page_of_a_large_tensor_again():
-    assert probe("none")["faults_per_alloc"] > 0.9 * PAGES  # the cost the module exists to remove
+@pytest.fixture(scope="module")
+def default_faults() -> float:
+    """glibc's default: every allocation faults the tensor in again (every 4 KB page of it; fewer, larger faults
+    where transparent huge pages are set to "always")."""
+    faults = probe("none")["faults_per_alloc"]
+    assert faults > 0
+    return faults
 
 
 @pytest.mark.parametrize("setup", ["function", "callback"])
-def test_kept_memory_is_reused_without_faults(setup):
+def test_kept_memory_is_reused_without_faults(setup, default_faults):
     result = probe(setup)
     assert result["applied"] is True
-    assert result["faults_per_alloc"] < 0.25 * PAGES  # at most a heap extension now and then, not every page
+    # at most a heap extension now and then, not the whole tensor every time
+    assert result["faults_per_alloc"] < 0.25 * min(default_faults, PAGES)
 
 
 def test_bad_thresholds_are_refused_before_touching_malloc():
