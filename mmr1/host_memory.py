@@ -3,7 +3,7 @@
 glibc's malloc serves a request above its mmap threshold (it adapts up to 32 MB) with a fresh `mmap()` and hands
 it back to the kernel on `free()`. A CPU training step at the seed geometry allocates and frees buffers above that
 size every step -- the expert weight gradients alone are 32 MB (bf16) to 64 MB (fp32) each -- so the kernel zeroes
-and maps them in again, a 4 KB page at a time. On the 2-core CI machine, 30 steps of
+and maps them in again, a 4 KB page at a time. On the 2-core development machine, 30 steps of
 `configs/r1-moe-128x16.yaml` took 154 s, 96 s of them in the kernel; with this callback 116 s and 39 s
 (`benchmarks/host_memory.py`). `benchmarks/moe.py` spent 196 s of its 371 s in the kernel before, 4-6 s after.
 
@@ -33,15 +33,19 @@ def is_glibc() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+def check_thresholds(mmap_threshold: int, trim_threshold: int) -> None:
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if not 0 < value < 2**31:
+            raise ValueError(f"keep_freed_memory: {name} must be bytes in [1, 2**31 - 1] (mallopt takes a C int), "
+                             f"got {value}")
+
+
 def keep_freed_memory(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
                       trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> bool:
     """Tell glibc to serve requests below `mmap_threshold` bytes from its heap and to keep up to `trim_threshold`
     free bytes there. Returns True when applied, False where the process's C library is not glibc (macOS, musl,
     Windows), where there is nothing to change this way."""
-    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
-        if not 0 < value < 2**31:
-            raise ValueError(f"keep_freed_memory: {name} must be bytes in [1, 2**31 - 1] (mallopt takes a C int), "
-                             f"got {value}")
+    check_thresholds(mmap_threshold, trim_threshold)
     if not is_glibc():
         return False
     libc = ctypes.CDLL(None)
@@ -61,6 +65,7 @@ class KeepFreedHostMemory(Callback):
 
     def __init__(self, mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
                  trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> None:
+        check_thresholds(mmap_threshold, trim_threshold)  # a bad config fails when it is parsed, not at fit time
         self.mmap_threshold = mmap_threshold
         self.trim_threshold = trim_threshold
         self.applied = False

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mmr1.host_memory import is_glibc, keep_freed_memory
+from mmr1.host_memory import KeepFreedHostMemory, is_glibc, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
 
@@ -72,6 +72,8 @@ def test_bad_thresholds_are_refused_before_touching_malloc():
         keep_freed_memory(mmap_threshold=0)
     with pytest.raises(ValueError, match="trim_threshold"):
         keep_freed_memory(trim_threshold=2**31)
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        KeepFreedHostMemory(mmap_threshold=-1)
 
 
 def test_benchmark_variants_toggle_only_the_callback_and_write_outside_runs(tmp_path):
