@@ -196,3 +196,28 @@ def test_shared_prefixes_with_speculation_sliding_windows_and_int8(setting):
     assert hits == 8 + 4 + 8  # the three after the first start from its blocks: 2, 1 and 2 whole ones
     refs = run(False)[0] if setting == "int8" else [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
     assert outs == refs
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])  # 1: the batch-1 fast path; 2: the pooled path
+def test_a_stop_token_among_accepted_drafts_publishes_only_the_requests_tokens(max_batch):
+    """Speculation with a draft identical to the target accepts every draft, so a stop token can be verified
+    together with the tokens before it: its K/V are in the pool, but it is not one of the request's tokens. When
+    that K/V crosses into a new block, only blocks of the request's own tokens may be published (this raised an
+    IndexError in `make demo`); a later request with the same prompt starts from them and answers the same."""
+    import copy
+
+    from mmr1.engine import SpeculativeConfig
+    model = tiny_model()
+    prompt = [1, 9, 2, 33, 7]
+    ref = generate(model, [prompt], max_new_tokens=12)[0]
+    stops = [j for j in range(1, 12) if ref[j] not in ref[:j] and (len(prompt) + j) % 4 == 3]
+    assert stops  # 7 committed tokens + the stop's K/V: the 8th cached position closes block 1
+    j = stops[0]
+    eng = Engine(model, config=EngineConfig(block_size=4, max_batch=max_batch,
+                                            speculative=SpeculativeConfig("draft", num_draft_tokens=4)),
+                 draft=copy.deepcopy(model))
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=[ref[j]])
+    for _ in range(2):
+        assert eng.generate([prompt], params)[0].token_ids == ref[:j]
+    assert hit_tokens(eng) == 4  # the second request started from the prompt's one full block
+    eng.check_no_leaks()
