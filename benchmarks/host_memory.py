@@ -48,11 +48,14 @@ def variant(config: dict[str, Any], keep: bool, run_dir: Path) -> dict[str, Any]
 def run_fit(config_path: Path, steps: int) -> dict[str, float]:
     cmd = [sys.executable, "-m", "mmr1.cli", "fit", "--config", str(config_path), "--trainer.max_steps", str(steps),
            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    err = child.stderr.read() if child.stderr else ""
+    # stderr to a file, not a pipe: wait4 reads nothing while the child runs, so a full pipe would block it
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        err = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"mmr1 fit --config {config_path} failed:\n{err[-3000:]}")
     return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "max_rss_gb": usage.ru_maxrss / 2**20,

@@ -10,7 +10,8 @@ import pytest
 
 from mmr1.host_memory import KeepFreedHostMemory, is_glibc, keep_freed_memory
 
-pytestmark = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
+# The fault probes need glibc's malloc; elsewhere keep_freed_memory returns False (test_elsewhere_it_is_a_no_op).
+glibc_only = pytest.mark.skipif(not is_glibc(), reason="probes glibc's malloc")
 
 # Allocate, touch and free a 64 MB tensor (above glibc's largest adaptive mmap threshold, 32 MB) again and again;
 # print the minor page faults per allocation after the first.
@@ -59,12 +60,20 @@ def default_faults() -> float:
     return faults
 
 
+@glibc_only
 @pytest.mark.parametrize("setup", ["function", "callback"])
 def test_kept_memory_is_reused_without_faults(setup, default_faults):
     result = probe(setup)
     assert result["applied"] is True
     # at most a heap extension now and then, not the whole tensor every time
     assert result["faults_per_alloc"] < 0.25 * min(default_faults, PAGES)
+
+
+def test_elsewhere_it_is_a_no_op(monkeypatch):
+    import mmr1.host_memory as host_memory
+    monkeypatch.setattr(host_memory, "is_glibc", lambda: False)
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda *a: pytest.fail("no C library call off glibc"))
+    assert host_memory.keep_freed_memory() is False
 
 
 def test_bad_thresholds_are_refused_before_touching_malloc():

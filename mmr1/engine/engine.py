@@ -453,6 +453,9 @@ class Engine:
                     seq.logprobs.append(token_logprobs(logits[j], token, seq.params.logprobs))
             if done:
                 break
+        # A stop token verified together with accepted drafts has K/V in the cache but is not one of seq's tokens:
+        # num_cached counts tokens of prompt + output only (Sequence), or publishing would hash tokens seq lacks.
+        seq.num_cached = min(seq.num_cached, len(seq.prompt) + len(seq.output))
         if seq.finished:
             self._retire(seq, in_pool)
         else:

@@ -125,8 +125,7 @@ class Scheduler:
         if seq.cache_key is None or not self.cfg.enable_prefix_caching:
             return
         bs = self.cfg.block_size
-        # len(tokens) too: a stop token among accepted drafts has K/V in the pool but is not one of seq's tokens.
-        full = min(num_in_pool, seq.num_cached, len(seq.prompt) + len(seq.output)) // bs
+        full = min(num_in_pool, seq.num_cached) // bs
         if len(seq.block_hashes) < full:  # called every step: hash (and build seq.tokens) only for new blocks
             extend_block_hashes(seq.block_hashes, seq.tokens, bs, seq.cache_key, max_blocks=full)
         # From the newest full block back to the first one already published: the ones before it were published
