@@ -48,6 +48,7 @@ clean-demo:
 
 bench: $(STAMP) bench-long $(DEMO_DATA)/train.jsonl
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
+	$(PY) -m benchmarks.moe_backward --out benchmarks/results/moe_backward
 	$(PY) -m benchmarks.host_memory --out benchmarks/results/host_memory
 	$(PY) -m benchmarks.engine --out benchmarks/results/engine
 	$(PY) -m benchmarks.moe_few_tokens --out benchmarks/results/moe_few_tokens

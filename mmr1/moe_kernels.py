@@ -179,13 +179,60 @@ def _padded_routed(flat: torch.Tensor, slot_tokens: torch.Tensor, counts: torch.
     token_of_slot = torch.full((E * capacity,), N, dtype=torch.long, device=flat.device).index_copy_(
         0, slot, slot_tokens)  # (E*C,)
     weight_of_slot = weights.new_zeros(E * capacity).index_copy_(0, slot, weights)  # (E*C,)
+    dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
+             else w_gate.dtype)
     padded = torch.cat([flat, flat.new_zeros(1, D)]).index_select(0, token_of_slot).view(E, capacity, D)
-    hidden = F.silu(torch.bmm(padded, w_gate)) * torch.bmm(padded, w_up)  # (E, C, H)
-    # The routing weight scales the hidden row before the down projection (linear, so the same sum): H wide
-    # instead of D, which makes the multiply and its backward cheaper (3-7 % of a bf16 layer's fwd+bwd).
-    hidden = hidden * weight_of_slot.view(E, capacity, 1).to(hidden.dtype)
-    out = torch.bmm(hidden, w_down).view(E * capacity, D)  # (E*C, D)
+    padded, w_gate, w_up, w_down = (t.to(dtype) for t in (padded, w_gate, w_up, w_down))
+    # Without autograd the plain ops skip the intermediates PaddedSwiGLU keeps for its backward.
+    expert_block = PaddedSwiGLU.apply if torch.is_grad_enabled() else weighted_padded_swiglu_reference
+    out = expert_block(padded, w_gate, w_up, w_down, weight_of_slot.view(E, capacity, 1).to(dtype))  # (E, C, D)
+    out = out.view(E * capacity, D)
     return out.new_zeros(N + 1, D).index_add_(0, token_of_slot, out)[:N]
+
+
+def weighted_padded_swiglu_reference(padded: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                                     w_down: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """PaddedSwiGLU's forward as plain ops, differentiated by autograd: the reference its backward is tested
+    (tests/test_moe_kernels.py) and timed (benchmarks/moe_backward.py) against."""
+    hidden = F.silu(torch.bmm(padded, w_gate)) * torch.bmm(padded, w_up) * weight  # (E, C, H)
+    return torch.bmm(hidden, w_down)  # (E, C, D)
+
+class PaddedSwiGLU(torch.autograd.Function):
+    """Weighted SwiGLU experts on a padded block with a hand-written backward:
+    padded (E, C, D), w_gate/w_up (E, D, H), w_down (E, H, D), weight (E, C, 1) -> (E, C, D), each row
+    w_down[e]ᵀ(weight * silu(x w_gate[e]) * x w_up[e]). All inputs share one dtype.
+
+    Autograd's own backward of these ops sums the gate and up gradients of `padded` in a separate pass over an
+    (E, C, D) block and recomputes or re-saves the element-wise intermediates; here the up term accumulates into
+    the gate term's batched matmul (baddbmm) and the intermediates are saved once from the forward. Measured at
+    the seed geometry in bf16 on the CPU: benchmarks/results/moe_backward.md."""
+
+    @staticmethod
+    def forward(ctx, padded, w_gate, w_up, w_down, weight):
+        gate = torch.bmm(padded, w_gate)  # (E, C, H)
+        up = torch.bmm(padded, w_up)  # (E, C, H)
+        act = F.silu(gate)
+        act_up = act * up
+        # The routing weight scales the hidden row before the down projection (linear, so the same sum): H wide
+        # instead of D, which makes the multiply and its backward cheaper.
+        hidden = act_up * weight  # (E, C, H)
+        ctx.save_for_backward(padded, w_gate, w_up, w_down, weight, gate, up, act, act_up, hidden)
+        return torch.bmm(hidden, w_down)  # (E, C, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        padded, w_gate, w_up, w_down, weight, gate, up, act, act_up, hidden = ctx.saved_tensors
+        d_hidden = torch.bmm(d_out, w_down.transpose(1, 2))  # (E, C, H)
+        d_weight = (d_hidden * act_up).sum(-1, keepdim=True) if ctx.needs_input_grad[4] else None  # (E, C, 1)
+        d_w_down = torch.bmm(hidden.transpose(1, 2), d_out)  # (E, H, D)
+        d_act_up = d_hidden * weight
+        d_up = d_act_up * act  # (E, C, H)
+        d_gate = torch.ops.aten.silu_backward(d_act_up * up, gate)  # (E, C, H)
+        d_padded = torch.bmm(d_gate, w_gate.transpose(1, 2)).baddbmm_(d_up, w_up.transpose(1, 2))  # (E, C, D)
+        d_w_gate = torch.bmm(padded.transpose(1, 2), d_gate)  # (E, D, H)
+        d_w_up = torch.bmm(padded.transpose(1, 2), d_up)  # (E, D, H)
+        return d_padded, d_w_gate, d_w_up, d_w_down, d_weight
 
 
 def cpu_path(dtype: torch.dtype) -> str:

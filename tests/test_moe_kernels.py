@@ -149,6 +149,30 @@ def test_benchmark_quick_run_writes_table_and_json(tmp_path):
     assert saved["dynamic_activation"]["rows"][0]["mean_experts_per_token"] >= 2
 
 
+def test_padded_block_backward_equals_autograds_and_its_benchmark_runs(tmp_path):
+    """PaddedSwiGLU's hand-written backward gives autograd's gradients of the same forward (fp32: to rounding;
+    the benchmark asserts the same before timing), including the routing weights' and the padding rows' zeros."""
+    from benchmarks.moe_backward import main, seed_block
+
+    inputs = seed_block(2, torch.float32, dim=32, hidden=16, experts=8, tokens=64)
+    grad_out = torch.randn(inputs[0].shape)
+    ours = moe_kernels.PaddedSwiGLU.apply(*inputs)
+    ref = moe_kernels.weighted_padded_swiglu_reference(*inputs)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    grads = torch.autograd.grad(ours, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    for name, a, b in zip(("padded", "w_gate", "w_up", "w_down", "weight"), grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    padding = inputs[4].detach() == 0  # (E, C, 1): rows that carry no token
+    assert padding.any() and grads[0].masked_select(padding).abs().max() == 0  # zero rows with weight 0
+
+    result = main(["--quick", "--allocator", "default", "--out", str(tmp_path / "bwd")])
+    saved = json.loads((tmp_path / "bwd.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {(r["dtype"], r["top_k"]) for r in saved["rows"]} == {("bf16", 2), ("bf16", 4), ("fp32", 2), ("fp32", 4)}
+    assert all(r["autograd_ms"] > 0 and r["mmr1_ms"] > 0 for r in saved["rows"])
+    assert "| fp32 | 2 |" in (tmp_path / "bwd.md").read_text()
+
 def test_gpu_checks_script_runs_on_cpu(tmp_path):
     """benchmarks/gpu_checks.py is what a lent GPU runs (benchmarks/gpu_run.sh); the same code must run here."""
     from benchmarks.gpu_checks import main
@@ -173,11 +197,11 @@ def test_routed_experts_equal_sort_loop_and_combine_fp32(path, unused):
     slot_experts[:5] = 2  # a crowded expert; expert 5 may get nothing
     if unused:
         slot_experts[[1, 6, 7]] = E  # skipped assignments (dynamic-k / dropped tokens)
-    slot_weights = torch.rand(N * k, generator=g)
+    slot_weights = torch.rand(N * k, generator=g, requires_grad=True)
     weights = [(torch.randn(E, a, b, generator=g) / a ** 0.5).requires_grad_(True) for a, b in ((D, H), (D, H), (H, D))]
     grad_out = torch.randn(N, D, generator=g)
 
-    def reference(flat, *weights):
+    def reference(flat, slot_weights, *weights):
         keep = slot_experts < E
         order = slot_experts.where(keep, E).argsort(stable=True)[:int(keep.sum())]
         counts = torch.bincount(slot_experts[order], minlength=E)
@@ -185,11 +209,11 @@ def test_routed_experts_equal_sort_loop_and_combine_fp32(path, unused):
         return rows.new_zeros(N, D).index_add_(0, order // k, rows)
 
     out = moe_kernels.routed_swiglu(flat, slot_experts, slot_weights, *weights, has_unused=unused, path=path)
-    grads = torch.autograd.grad(out, [flat, *weights], grad_out)
-    ref = reference(flat, *weights)
-    ref_grads = torch.autograd.grad(ref, [flat, *weights], grad_out)
+    grads = torch.autograd.grad(out, [flat, slot_weights, *weights], grad_out)
+    ref = reference(flat, slot_weights, *weights)
+    ref_grads = torch.autograd.grad(ref, [flat, slot_weights, *weights], grad_out)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for name, a, b in zip(("x", "w_gate", "w_up", "w_down"), grads, ref_grads):
+    for name, a, b in zip(("x", "routing weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
@@ -204,3 +228,25 @@ def test_routed_experts_pick_grouped_mm_when_padding_would_explode():
     assert skewed == ("grouped" if grouped_mm_available(torch.device("cpu"), torch.bfloat16) else "padded")
     out = moe_kernels.routed_swiglu(x, slot_experts, torch.ones(43), *weights)  # k = 1
     torch.testing.assert_close(out, loop_swiglu(x, counts, *weights), atol=1e-5, rtol=1e-5)
+
+
+def test_routed_padded_path_under_autocast_gives_fp32_master_weights_close_gradients():
+    """The padded routed path (hand-written backward) casts to the autocast dtype itself, as autocast would: the
+    output is bf16, fp32 parameters and routing weights get fp32 gradients close to the fp32 reference."""
+    g = torch.Generator().manual_seed(5)
+    N, E, k = 24, 4, 2
+    flat = torch.randn(N, D, generator=g, requires_grad=True)
+    slot_experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)]).reshape(-1)
+    slot_weights = torch.rand(N * k, generator=g, requires_grad=True)
+    weights = [(torch.randn(E, a, b, generator=g) / a ** 0.5).requires_grad_(True) for a, b in ((D, H), (D, H), (H, D))]
+    inputs = [flat, slot_weights, *weights]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe_kernels.routed_swiglu(flat, slot_experts, slot_weights, *weights, path="padded")
+    grads = torch.autograd.grad(out.float().sum(), inputs)
+    ref = moe_kernels.routed_swiglu(flat, slot_experts, slot_weights, *weights, path="padded")
+    ref_grads = torch.autograd.grad(ref.sum(), inputs)
+    assert out.dtype == torch.bfloat16
+    assert all(gr.dtype == torch.float32 for gr in grads)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for name, a, b in zip(("x", "routing weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
