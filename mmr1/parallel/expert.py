@@ -98,7 +98,7 @@ class ExpertParallelExperts(GroupedExperts):
                 has_unused: bool = False) -> torch.Tensor:
         """The MoE layer's call: sort the assignments by expert, exchange their rows (sorted_rows), combine."""
         order, slot_tokens, counts = sort_assignments(slot_experts, self.num_experts, flat.shape[0], has_unused)
-        rows = self.sorted_rows(flat[slot_tokens], counts)
+        rows = self.sorted_rows(flat.index_select(0, slot_tokens), counts)
         return combine_sorted(flat.shape[0], rows, slot_tokens, slot_weights[order])
 
     def sorted_rows(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -116,10 +116,11 @@ class ExpertParallelExperts(GroupedExperts):
         received = _all_to_all(x, recv_splits, send_splits, group)  # (R, D) source-major
         order = expert_major_order(recv_counts, received.shape[0])  # (R,)
         w_gate, w_up, w_down = (self._local(w) for w in (self.w_gate, self.w_up, self.w_down))  # (El, ...)
-        out = grouped_swiglu(received[order], recv_counts.sum(dim=0), w_gate, w_up, w_down)  # (R, D) expert-major
+        rows = received.index_select(0, order)  # (R, D) expert-major
+        out = grouped_swiglu(rows, recv_counts.sum(dim=0), w_gate, w_up, w_down)  # (R, D)
         restore = torch.empty_like(order)
         restore[order] = torch.arange(order.numel(), device=order.device)
-        out = out[restore]  # (R, D) back to source-major
+        out = out.index_select(0, restore)  # (R, D) back to source-major
         return _all_to_all(out, send_splits, recv_splits, group)  # (M, D)
 
 
