@@ -45,9 +45,9 @@ def variant(config: dict[str, Any], keep: bool, run_dir: Path) -> dict[str, Any]
     return cfg
 
 
-def run_fit(config_path: Path, steps: int) -> dict[str, float]:
+def run_fit(config_path: Path, steps: int, extra_args: tuple[str, ...] = ()) -> dict[str, float]:
     cmd = [sys.executable, "-m", "mmr1.cli", "fit", "--config", str(config_path), "--trainer.max_steps", str(steps),
-           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *extra_args]
     # stderr to a file, not a pipe: wait4 reads nothing while the child runs, so a full pipe would block it
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()

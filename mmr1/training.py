@@ -72,8 +72,10 @@ class MMR1LightningModule(L.LightningModule):
             trainable: staged recipes -- regexes of the parameter names that train (e.g. ["^projectors\\.",
                 "modality_embeddings", "\\.cross_attn\\."] for connector-only alignment); everything else is frozen.
             fused_adamw: torch's fused AdamW (one kernel for all parameters; on the CPU the demo's optimizer step
-                takes 7 instead of 20 ms, benchmarks/optimizer.py). None: wherever Lightning allows it (not under the mixed-precision or FSDP
-                plugins, which refuse gradient clipping with it, nor for sharded parameters); False: never.
+                takes 7 instead of 20 ms, benchmarks/optimizer.py). None: wherever it is exact -- 32-true and bf16-mixed,
+                whose gradients need no unscaling, so clipping before the fused step is right (the module clips
+                itself there: Lightning's plugin refuses for any fused optimizer) -- but not under fp16-mixed (its
+                grad scaler) or FSDP, nor for sharded parameters; False: never.
         """
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
@@ -173,6 +175,14 @@ class MMR1LightningModule(L.LightningModule):
             from mmr1.parallel.clip import clip_grad_norm_
             clip_grad_norm_(self.parameters(), gradient_clip_val)
             return
+        if gradient_clip_val and _bf16_autocast(self.trainer.precision_plugin) and optimizer.defaults.get("fused"):
+            # Lightning's mixed-precision plugin refuses to clip for fused optimizers because they unscale fp16
+            # gradients inside their step; bf16 autocast has no grad scaler, so the gradients are final here and
+            # the base plugin's clipping is exact.
+            from lightning.pytorch.plugins.precision import Precision
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val,
+                                     gradient_clip_algorithm or "norm")
+            return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- steps ------------------------------------------------------------------------------------
@@ -233,6 +243,7 @@ class MMR1LightningModule(L.LightningModule):
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0:
             self.log("train/tokens_per_s", batch["attention_mask"].sum().item() / elapsed, prog_bar=True)
+            self.log("train/step_s", elapsed)  # forward, backward, clipping and optimizer step
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         out = self._forward(batch)
@@ -281,6 +292,7 @@ class MMR1LightningModule(L.LightningModule):
                          "lr": hp.lr * scale[kind]} for (kind, no_decay), params in groups.items()]
         fused = {"fused": True} if self._fused_adamw_allowed() else {}
         optimizer = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas), **fused)
+        rank_zero_info(f"mmr1: AdamW {'fused (one kernel for all parameters)' if fused else 'unfused'}")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total // 2)
 
@@ -303,7 +315,8 @@ class MMR1LightningModule(L.LightningModule):
         plugin = type(self.trainer.precision_plugin)
         params = [p for p in self.model.parameters() if p.requires_grad]
         why = (f"the {plugin.__name__} plugin refuses gradient clipping with it"
-               if plugin not in (Precision, HalfPrecision, DoublePrecision) else
+               if plugin not in (Precision, HalfPrecision, DoublePrecision)
+               and not _bf16_autocast(self.trainer.precision_plugin) else
                "parameters are sharded (DTensor)" if any(isinstance(p, DTensor) for p in params) else
                "a parameter is not on a CPU or CUDA device" if any(p.device.type not in ("cpu", "cuda")
                                                                    for p in params) else None)
@@ -388,3 +401,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+
+
+def _bf16_autocast(plugin: Any) -> bool:
+    """Whether a Lightning precision plugin is bf16 autocast without a grad scaler (`precision: bf16-mixed`)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    return type(plugin) is MixedPrecision and plugin.scaler is None
