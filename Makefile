@@ -49,6 +49,7 @@ clean-demo:
 bench: $(STAMP) bench-long $(DEMO_DATA)/train.jsonl
 	$(PY) -m benchmarks.moe --out benchmarks/results/moe_cpu
 	$(PY) -m benchmarks.moe_backward --out benchmarks/results/moe_backward
+	$(PY) -m benchmarks.moe_padding --out benchmarks/results/moe_padding
 	$(PY) -m benchmarks.host_memory --out benchmarks/results/host_memory
 	$(PY) -m benchmarks.fused_adamw_fit --steps 16 --out benchmarks/results/fused_adamw_fit
 	$(PY) -m benchmarks.engine --out benchmarks/results/engine

@@ -86,8 +86,10 @@ def grouped_mm_fits(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
 
 # Measured on CPU (benchmarks/moe.py, 128 experts x ~64 rows, fwd+bwd): in bf16 (oneDNN/AMX bmm) the padded bmm
 # beat torch._grouped_mm by ~1.5x while the padding stayed small; in fp32 grouped_mm was ~10% faster. When one
-# expert takes far more rows than the rest, padding multiplies the work, so bf16 switches to grouped_mm too.
-MAX_PADDING_WASTE = 2.0  # padded rows E * C allowed per real row before the CPU switches to grouped_mm
+# expert takes far more rows than the rest, padding multiplies the work, so bf16 switches to grouped_mm too: with
+# the hand-written padded backward the padded path stays faster up to about 3 padded rows per real row at 4096
+# tokens and beyond 4 at 1216 (benchmarks/moe_padding.py). E * C / M is the largest expert's load over the mean.
+MAX_PADDING_WASTE = 3.0  # padded rows E * C allowed per real row before the CPU switches to grouped_mm
 
 
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -243,5 +245,5 @@ def cpu_path(dtype: torch.dtype) -> str:
     if grouped_mm_available(torch.device("cpu"), dtype) and dtype == torch.float32:
         return "grouped_mm"
     if grouped_mm_available(torch.device("cpu"), dtype):
-        return "fused padded_bmm (grouped_mm when padding > 2x)"
+        return f"fused padded_bmm (grouped_mm when padding > {MAX_PADDING_WASTE:g}x)"
     return "fused padded_bmm"

@@ -173,6 +173,21 @@ def test_padded_block_backward_equals_autograds_and_its_benchmark_runs(tmp_path)
     assert all(r["autograd_ms"] > 0 and r["mmr1_ms"] > 0 for r in saved["rows"])
     assert "| fp32 | 2 |" in (tmp_path / "bwd.md").read_text()
 
+def test_padding_benchmark_skews_the_load_and_reports_the_switch(tmp_path):
+    """benchmarks/moe_padding.py: a larger hot share means more padding; both paths agree before they are timed."""
+    from benchmarks.moe_padding import assignments, main
+
+    g = torch.Generator().manual_seed(0)
+    loads = [torch.bincount(assignments(256, 2, 16, share, g), minlength=16) for share in (0.0, 0.5)]
+    assert loads[1][:4].sum() > 0.5 * 512 > loads[0][:4].sum()
+    result = main(["--quick", "--out", str(tmp_path / "pad")])
+    saved = json.loads((tmp_path / "pad.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"])) and saved["max_padding_waste"] == MAX_PADDING_WASTE
+    for r in saved["rows"]:
+        assert r["grouped_ms"] > 0 and r["padded_ms"] > 0
+        assert r["default_path"] == ("padded" if r["padding_per_row"] <= MAX_PADDING_WASTE else "grouped")
+    assert "| 64 | 0.00 |" in (tmp_path / "pad.md").read_text()
+
 def test_gpu_checks_script_runs_on_cpu(tmp_path):
     """benchmarks/gpu_checks.py is what a lent GPU runs (benchmarks/gpu_run.sh); the same code must run here."""
     from benchmarks.gpu_checks import main
