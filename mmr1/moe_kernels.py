@@ -227,15 +227,17 @@ class PaddedSwiGLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         padded, w_gate, w_up, w_down, weight, gate, up, act, act_up, hidden = ctx.saved_tensors
+        need_padded, need_gate, need_up, need_down, need_weight = ctx.needs_input_grad  # frozen experts skip theirs
         d_hidden = torch.bmm(d_out, w_down.transpose(1, 2))  # (E, C, H)
-        d_weight = (d_hidden * act_up).sum(-1, keepdim=True) if ctx.needs_input_grad[4] else None  # (E, C, 1)
-        d_w_down = torch.bmm(hidden.transpose(1, 2), d_out)  # (E, H, D)
+        d_weight = (d_hidden * act_up).sum(-1, keepdim=True) if need_weight else None  # (E, C, 1)
+        d_w_down = torch.bmm(hidden.transpose(1, 2), d_out) if need_down else None  # (E, H, D)
         d_act_up = d_hidden * weight
         d_up = d_act_up * act  # (E, C, H)
         d_gate = torch.ops.aten.silu_backward(d_act_up * up, gate)  # (E, C, H)
-        d_padded = torch.bmm(d_gate, w_gate.transpose(1, 2)).baddbmm_(d_up, w_up.transpose(1, 2))  # (E, C, D)
-        d_w_gate = torch.bmm(padded.transpose(1, 2), d_gate)  # (E, D, H)
-        d_w_up = torch.bmm(padded.transpose(1, 2), d_up)  # (E, D, H)
+        d_padded = (torch.bmm(d_gate, w_gate.transpose(1, 2)).baddbmm_(d_up, w_up.transpose(1, 2))
+                    if need_padded else None)  # (E, C, D)
+        d_w_gate = torch.bmm(padded.transpose(1, 2), d_gate) if need_gate else None  # (E, D, H)
+        d_w_up = torch.bmm(padded.transpose(1, 2), d_up) if need_up else None  # (E, D, H)
         return d_padded, d_w_gate, d_w_up, d_w_down, d_weight
 
 

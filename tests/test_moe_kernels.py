@@ -165,6 +165,12 @@ def test_padded_block_backward_equals_autograds_and_its_benchmark_runs(tmp_path)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
     padding = inputs[4].detach() == 0  # (E, C, 1): rows that carry no token
     assert padding.any() and grads[0].masked_select(padding).abs().max() == 0  # zero rows with weight 0
+    # Frozen experts (staged recipes, LoRA elsewhere): no weight gradients computed, the rest unchanged.
+    frozen = (inputs[0], *(w.detach() for w in inputs[1:4]), inputs[4])
+    out = moe_kernels.PaddedSwiGLU.apply(*frozen)
+    d_padded, d_weight = torch.autograd.grad(out, (frozen[0], frozen[4]), grad_out)
+    torch.testing.assert_close(d_padded, grads[0], atol=0, rtol=0)
+    torch.testing.assert_close(d_weight, grads[4], atol=0, rtol=0)
 
     result = main(["--quick", "--allocator", "default", "--out", str(tmp_path / "bwd")])
     saved = json.loads((tmp_path / "bwd.json").read_text())
