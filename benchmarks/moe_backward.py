@@ -74,11 +74,12 @@ def check_same(inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> floa
     return worst
 
 
-def median_ms(fn, inputs, grad_out, repeats: int, warmup: int) -> float:
+def median_ms(call, repeats: int, warmup: int) -> float:
+    """Median milliseconds of `call()` over `repeats` calls after `warmup` untimed ones."""
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
-        forward_backward(fn, inputs, grad_out)
+        call()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
@@ -90,8 +91,8 @@ def bench_case(top_k: int, dtype_name: str, rounds: int, repeats: int, warmup: i
     worst = check_same(inputs, grad_out)
     passes = {"autograd": [], "mmr1": []}
     for _ in range(rounds):
-        passes["autograd"].append(median_ms(weighted_padded_swiglu_reference, inputs, grad_out, repeats, warmup))
-        passes["mmr1"].append(median_ms(PaddedSwiGLU.apply, inputs, grad_out, repeats, warmup))
+        for name, fn in (("autograd", weighted_padded_swiglu_reference), ("mmr1", PaddedSwiGLU.apply)):
+            passes[name].append(median_ms(lambda: forward_backward(fn, inputs, grad_out), repeats, warmup))
     E, C, D = inputs[0].shape
     rows = int((inputs[4] != 0).sum())
     autograd_ms, ours_ms = (statistics.median(passes[k]) for k in ("autograd", "mmr1"))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.moe_backward import median_ms
 from benchmarks.report import publish
 from mmr1.host_memory import keep_freed_memory
 from mmr1.moe_kernels import MAX_PADDING_WASTE, routed_swiglu
@@ -36,16 +37,6 @@ def assignments(tokens: int, top_k: int, experts: int, hot_share: float, generat
     chosen = torch.cat([torch.randint(0, 4, (hot,), generator=generator),
                         torch.randint(0, experts, (n - hot,), generator=generator)])
     return chosen[torch.randperm(n, generator=generator)]
-
-
-def median_ms(fn, repeats: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def bench(tokens: int, hot_share: float, weights: list[torch.Tensor], top_k: int, rounds: int, repeats: int,

@@ -4,13 +4,13 @@ glibc's malloc serves a request above its mmap threshold (it adapts up to 32 MB)
 it back to the kernel on `free()`. A CPU training step at the seed geometry allocates and frees buffers above that
 size every step -- the expert weight gradients alone are 32 MB (bf16) to 64 MB (fp32) each -- so the kernel zeroes
 and maps them in again, a 4 KB page at a time. On the 2-core development machine, 30 steps of
-`configs/r1-moe-128x16.yaml` took 154 s, 96 s of them in the kernel; with this callback 116 s and 39 s
+`configs/r1-moe-128x16.yaml` took 100 s, 57 s of them in the kernel; with this callback 76 s and 27 s
 (`benchmarks/host_memory.py`). `benchmarks/moe.py` spent 196 s of its 371 s in the kernel before, 4-6 s after.
 
 `keep_freed_memory()` raises the mmap threshold and the trim threshold so freed blocks stay in the heap for the
 next step's allocations -- what jemalloc or tcmalloc (PyTorch's CPU tuning advice) give through `LD_PRELOAD`, here
 without an extra library. The price: the process keeps its peak (plus heap fragmentation) until it exits; the
-seed-geometry run above peaked at 13.9 GB instead of 8.6 GB. It is process-wide and cannot be undone, so it is opt-in:
+seed-geometry run above peaked at 13.7 GB instead of 8.6 GB. It is process-wide and cannot be undone, so it is opt-in:
 `KeepFreedHostMemory` applies it from a Lightning config when the trainer runs on the CPU.
 """
 from __future__ import annotations

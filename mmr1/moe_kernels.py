@@ -29,6 +29,12 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return counts.cumsum(0).to(torch.int32)
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's where it is on for x's device, else the weights'."""
+    return (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+            else weight.dtype)
+
+
 def grouped_mm_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                       w_down: torch.Tensor) -> torch.Tensor:
     """Three grouped GEMMs (torch._grouped_mm): each expert multiplies only its own contiguous rows.
@@ -36,8 +42,7 @@ def grouped_mm_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tenso
     grouped_mm is not autocast-aware and wants one dtype, so under autocast everything is cast to the autocast
     dtype here, as autocast would do for a plain matmul.
     """
-    dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-             else w_gate.dtype)
+    dtype = compute_dtype(x, w_gate)
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
     offs = _offsets(counts)
     hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offs)) * torch._grouped_mm(x, w_up, offs=offs)  # (M, H)
@@ -95,8 +100,7 @@ MAX_PADDING_WASTE = 3.0  # padded rows E * C allowed per real row before the CPU
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
     """The fastest correct path for x's device and dtype (kernel_choice): grouped GEMM or padded bmm."""
-    dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-             else w_gate.dtype)
+    dtype = compute_dtype(x, w_gate)
     path, capacity = kernel_choice(x.device, dtype, counts, x.shape[0], x, w_gate, w_up, w_down)
     if path == "grouped":
         return grouped_mm_swiglu(x, counts, w_gate, w_up, w_down)
@@ -131,15 +135,14 @@ def routed_swiglu(flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: 
     one gather in, one index_add out, where sorting first and padding second moves every row twice more, forward
     and backward (6-11 % of a bf16 layer's fwd+bwd at the seed geometry). `path` forces "grouped" or "padded"."""
     order, slot_tokens, counts = sort_assignments(slot_experts, w_gate.shape[0], flat.shape[0], has_unused)
-    dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
-             else w_gate.dtype)
+    dtype = compute_dtype(flat, w_gate)
     capacity = None
     if path is None:
         path, capacity = _routed_path(flat, counts, dtype, w_gate, w_up, w_down)
     if path == "padded":
         if capacity is None:
             capacity = int(counts.max()) if slot_tokens.numel() else 0
-        return _padded_routed(flat, slot_tokens, counts, slot_weights[order], capacity, w_gate, w_up, w_down)
+        return _padded_routed(flat, slot_tokens, counts, slot_weights[order], capacity, dtype, w_gate, w_up, w_down)
     # index_select, not flat[slot_tokens]: its backward is an index_add, where advanced indexing's is an
     # accumulating index_put (12 of ~140 ms of an fp32 layer's fwd+bwd at the seed geometry on the CPU).
     rows = grouped_mm_swiglu(flat.index_select(0, slot_tokens), counts, w_gate, w_up, w_down)  # (M, D)
@@ -175,7 +178,8 @@ def _routed_path(flat: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype,
 
 
 def _padded_routed(flat: torch.Tensor, slot_tokens: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor,
-                   capacity: int, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+                   capacity: int, dtype: torch.dtype, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
     N, D = flat.shape
     E, M = counts.shape[0], slot_tokens.shape[0]
     slot = _padded_slots(counts, M, capacity)  # (M,) in E*C
@@ -183,8 +187,6 @@ def _padded_routed(flat: torch.Tensor, slot_tokens: torch.Tensor, counts: torch.
     token_of_slot = torch.full((E * capacity,), N, dtype=torch.long, device=flat.device).index_copy_(
         0, slot, slot_tokens)  # (E*C,)
     weight_of_slot = weights.new_zeros(E * capacity).index_copy_(0, slot, weights)  # (E*C,)
-    dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
-             else w_gate.dtype)
     padded = torch.cat([flat, flat.new_zeros(1, D)]).index_select(0, token_of_slot).view(E, capacity, D)
     padded, w_gate, w_up, w_down = (t.to(dtype) for t in (padded, w_gate, w_up, w_down))
     # Without autograd the plain ops skip the intermediates PaddedSwiGLU keeps for its backward.
@@ -200,6 +202,7 @@ def weighted_padded_swiglu_reference(padded: torch.Tensor, w_gate: torch.Tensor,
     (tests/test_moe_kernels.py) and timed (benchmarks/moe_backward.py) against."""
     hidden = F.silu(torch.bmm(padded, w_gate)) * torch.bmm(padded, w_up) * weight  # (E, C, H)
     return torch.bmm(hidden, w_down)  # (E, C, D)
+
 
 class PaddedSwiGLU(torch.autograd.Function):
     """Weighted SwiGLU experts on a padded block with a hand-written backward:
