@@ -15,6 +15,9 @@ each in fp32, 25 GB for 4096 tokens x top-4 -- so it is timed at --batched-token
 Neither layer computes a balance loss unless asked (transformers computes its loss at the model level from router
 logits; mmr1's MoEAux when the trainer reads it), so the "mmr1" rows time the layer alone, as transformers' rows do,
 and the "mmr1 (+ balance losses)" rows time it as a trainer runs it, with its three losses read and backpropagated.
+Where our layer runs its fp32 experts on MKL's grouped GEMM (mmr1.cpu_grouped_gemm), a "mmr1 (torch._grouped_mm
+experts)" row times the same layer with its experts forced onto torch._grouped_mm -- transformers' kernel -- so
+the kernel's own share of the ratio shows in the same run.
 Numbers are medians over up to --repeats timed calls after --warmup calls, capped at --budget seconds per
 measurement (the eager loop's fwd+bwd takes seconds per call); CPU timings are noisy, compare ratios within one run.
 Ours and transformers' fast options are measured in --rounds alternating passes and each reports the median of its
@@ -44,7 +47,7 @@ from benchmarks.report import publish
 from mmr1.config import MoEConfig
 from mmr1.host_memory import keep_freed_memory
 from mmr1.moe import MoEFeedForward, select_experts
-from mmr1.moe_kernels import cpu_path, grouped_mm_available
+from mmr1.moe_kernels import cpu_path, grouped_mm_available, kernel_choice
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # deepgemm / sonicmoe need CUDA kernel packages
 SLOW_CALL_S = 3.0
@@ -233,6 +236,10 @@ def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: 
     full = {"mmr1": ours, "mmr1 (+ balance losses)": WithBalanceLosses(ours)}
     if model == "mixtral":  # the seed's group-limited routing (16 groups of 8, best 4 groups): same expert cost
         full["mmr1 (seed routing)"] = ours_like(block, model, geo, top_k, seed_routing=True).to(device, dtype)
+    if kernel_choice(torch.device(device), dtype, torch.ones(1, dtype=torch.long), 1,
+                     *ours.experts.parameters())[0] == "mkl":  # the same layer with torch._grouped_mm experts
+        full["mmr1 (torch._grouped_mm experts)"] = ours_like(block, model, geo, top_k).to(device, dtype)
+        full["mmr1 (torch._grouped_mm experts)"].experts.kernel = "grouped"
     full["grouped_mm"] = HFImplementation(block, "grouped_mm")
     timed = measure_together(full, x, rounds, repeats, warmup, budget_s)
     timed["eager"] = measure(HFImplementation(block, "eager"), x, repeats, warmup, budget_s)

@@ -260,8 +260,11 @@ class Router(nn.Module):
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights; input rows arrive sorted by expert with `counts` rows each."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int):
+    def __init__(self, num_experts: int, dim: int, hidden: int, kernel: str | None = None):
         super().__init__()
+        # None picks the fastest kernel per call (moe_kernels.kernel_choice); "mkl", "grouped" or "padded" forces
+        # one (benchmarks compare them inside one layer).
+        self.kernel = kernel
         self.w_gate = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w_up = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -280,7 +283,7 @@ class GroupedExperts(nn.Module):
         (mmr1.moe_kernels.routed_swiglu). The whole computation is this module's forward so that wrappers of
         its weights (peft's LoRA parameter adapters) see every use of them."""
         return routed_swiglu(flat, slot_experts, slot_weights, self.w_gate, self.w_up, self.w_down,
-                             has_unused=has_unused)
+                             has_unused=has_unused, path=self.kernel)
 
     def sorted_rows(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) rows already sorted by expert, counts (E,) -> (M, D) (grouped GEMM or its padded fallback;

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmr1 import cpu_grouped_gemm
+
 
 def loop_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                 w_down: torch.Tensor) -> torch.Tensor:
@@ -102,6 +104,8 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, 
     """The fastest correct path for x's device and dtype (kernel_choice): grouped GEMM or padded bmm."""
     dtype = compute_dtype(x, w_gate)
     path, capacity = kernel_choice(x.device, dtype, counts, x.shape[0], x, w_gate, w_up, w_down)
+    if path == "mkl":
+        return _mkl_swiglu(x, counts, x.new_ones(x.shape[0], 1), w_gate, w_up, w_down)
     if path == "grouped":
         return grouped_mm_swiglu(x, counts, w_gate, w_up, w_down)
     return padded_bmm_swiglu(x, counts, w_gate, w_up, w_down, capacity)
@@ -109,10 +113,13 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, 
 
 def kernel_choice(device: torch.device, dtype: torch.dtype, counts: torch.Tensor, rows: int,
                   *tensors: torch.Tensor) -> tuple[str, int | None]:
-    """("grouped" | "padded", the padded capacity): grouped GEMM on CUDA and for fp32 on the CPU (the fused padded
-    path measured 2-4 % slower there in a whole layer), padded bmm for bf16 on the CPU while the padding is cheap
-    (oneDNN/AMX bmm; 6-11 % faster per layer when fused with the dispatch), padded bmm wherever grouped GEMM has no
-    kernel or `tensors` don't fit its alignment."""
+    """("mkl" | "grouped" | "padded", the padded capacity): MKL's grouped GEMM for fp32 on the CPU where PyTorch
+    ships MKL (mmr1.cpu_grouped_gemm: no padding, and ~1.3x torch._grouped_mm's speed per GEMM at the seed
+    geometry), torch._grouped_mm on CUDA and for fp32 CPUs without MKL, padded bmm for bf16 on the CPU while the
+    padding is cheap (oneDNN/AMX bmm; 6-11 % faster per layer when fused with the dispatch), padded bmm wherever
+    grouped GEMM has no kernel or `tensors` don't fit its alignment."""
+    if device.type == "cpu" and dtype == torch.float32 and cpu_grouped_gemm.available(*tensors):
+        return "mkl", None
     grouped_ok = grouped_mm_available(device, dtype) and grouped_mm_fits(dtype, *tensors)
     if grouped_ok and (device.type != "cpu" or dtype == torch.float32):
         return "grouped", None
@@ -133,7 +140,7 @@ def routed_swiglu(flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: 
     Grouped GEMM sorts the assignments by expert, gathers their rows, multiplies, weights and scatter-adds them
     back (sort_assignments, grouped_mm_swiglu, combine_sorted). The padded path (CPU, bf16) goes straight from tokens to an (E, C, D) block and back:
     one gather in, one index_add out, where sorting first and padding second moves every row twice more, forward
-    and backward (6-11 % of a bf16 layer's fwd+bwd at the seed geometry). `path` forces "grouped" or "padded"."""
+    and backward (6-11 % of a bf16 layer's fwd+bwd at the seed geometry). `path` forces "mkl", "grouped" or "padded"."""
     order, slot_tokens, counts = sort_assignments(slot_experts, w_gate.shape[0], flat.shape[0], has_unused)
     dtype = compute_dtype(flat, w_gate)
     capacity = None
@@ -143,6 +150,10 @@ def routed_swiglu(flat: torch.Tensor, slot_experts: torch.Tensor, slot_weights: 
         if capacity is None:
             capacity = int(counts.max()) if slot_tokens.numel() else 0
         return _padded_routed(flat, slot_tokens, counts, slot_weights[order], capacity, dtype, w_gate, w_up, w_down)
+    if path == "mkl":
+        weights = slot_weights[order].to(flat.dtype)[:, None]  # (M, 1), applied H wide inside the experts
+        rows = _mkl_swiglu(flat.index_select(0, slot_tokens), counts, weights, w_gate, w_up, w_down)  # (M, D)
+        return rows.new_zeros(flat.shape).index_add_(0, slot_tokens, rows)
     # index_select, not flat[slot_tokens]: its backward is an index_add, where advanced indexing's is an
     # accumulating index_put (12 of ~140 ms of an fp32 layer's fwd+bwd at the seed geometry on the CPU).
     rows = grouped_mm_swiglu(flat.index_select(0, slot_tokens), counts, w_gate, w_up, w_down)  # (M, D)
@@ -244,9 +255,67 @@ class PaddedSwiGLU(torch.autograd.Function):
         return d_padded, d_w_gate, d_w_up, d_w_down, d_weight
 
 
+class GroupedSwiGLU(torch.autograd.Function):
+    """Weighted SwiGLU experts on expert-sorted rows through MKL's grouped GEMM (mmr1.cpu_grouped_gemm; fp32 on
+    the CPU): x (M, D), counts (E,) rows per expert, w_gate/w_up (E, D, H), w_down (E, H, D), weight (M, 1) ->
+    (M, D), row i = w_down[e]ᵀ(weight_i * silu(x_i w_gate[e]) * x_i w_up[e]). No padding; the backward is written
+    out as PaddedSwiGLU's is (the up term of dx accumulates into the gate term's GEMM)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, w_gate, w_up, w_down, weight):
+        gemm = cpu_grouped_gemm.grouped_gemm
+        gate, up = gemm(x, w_gate, counts), gemm(x, w_up, counts)  # (M, H)
+        act = F.silu(gate)
+        # The routing weight scales the hidden row (H wide, cheaper than D). Keeping act * weight and up * weight
+        # makes each of the backward's element-wise terms one multiply.
+        act_w, up_w = act * weight, up * weight  # (M, H)
+        hidden = act * up_w  # (M, H)
+        ctx.save_for_backward(x, counts, w_gate, w_up, w_down, weight, gate, up, act, act_w, up_w, hidden)
+        return gemm(hidden, w_down, counts)  # (M, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        x, counts, w_gate, w_up, w_down, weight, gate, up, act, act_w, up_w, hidden = ctx.saved_tensors
+        need_x, _, need_gate, need_up, need_down, need_weight = ctx.needs_input_grad
+        gemm, weight_gemm = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.grouped_weight_gemm
+        d_out = d_out.contiguous()
+        d_hidden = gemm(d_out, w_down, counts, transpose_b=True)  # (M, H)
+        d_weight = torch.linalg.vecdot(d_hidden, act * up)[:, None] if need_weight else None  # (M, 1)
+        d_w_down = weight_gemm(hidden, d_out, counts) if need_down else None  # (E, H, D)
+        d_up = d_hidden * act_w  # (M, H)
+        d_gate = torch.ops.aten.silu_backward(d_hidden * up_w, gate)  # (M, H)
+        d_x = None
+        if need_x:
+            d_x = gemm(d_up, w_up, counts, transpose_b=True, out=gemm(d_gate, w_gate, counts, transpose_b=True))
+        d_w_gate = weight_gemm(x, d_gate, counts) if need_gate else None  # (E, D, H)
+        d_w_up = weight_gemm(x, d_up, counts) if need_up else None  # (E, D, H)
+        return d_x, None, d_w_gate, d_w_up, d_w_down, d_weight
+
+
+def _mkl_swiglu(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, w_gate: torch.Tensor,
+                w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """GroupedSwiGLU, or without autograd the same products with the intermediates freed as they go."""
+    if torch.is_grad_enabled():
+        return GroupedSwiGLU.apply(x, counts, w_gate, w_up, w_down, weight)
+    gemm = cpu_grouped_gemm.grouped_gemm
+    hidden = F.silu(gemm(x, w_gate, counts), inplace=True).mul_(gemm(x, w_up, counts)).mul_(weight)  # (M, H)
+    return gemm(hidden, w_down, counts)  # (M, D)
+
+
+def weighted_grouped_swiglu_reference(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,
+                                      w_up: torch.Tensor, w_down: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """GroupedSwiGLU's forward as torch._grouped_mm ops, differentiated by autograd (its tested reference)."""
+    offs = _offsets(counts)
+    hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offs)) * torch._grouped_mm(x, w_up, offs=offs) * weight
+    return torch._grouped_mm(hidden, w_down, offs=offs)
+
+
 def cpu_path(dtype: torch.dtype) -> str:
     """Which kernel a MoE layer (routed_swiglu) uses on CPU for this dtype under a balanced load (the benchmark
     reports it)."""
+    if dtype == torch.float32 and cpu_grouped_gemm.available(torch.empty(0)):
+        return "mkl grouped GEMM (cblas_sgemm_batch)"
     if grouped_mm_available(torch.device("cpu"), dtype) and dtype == torch.float32:
         return "grouped_mm"
     if grouped_mm_available(torch.device("cpu"), dtype):

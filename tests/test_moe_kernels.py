@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mmr1 import moe_kernels
+from mmr1 import cpu_grouped_gemm, moe_kernels
 from mmr1.moe import GroupedExperts
 from mmr1.moe_kernels import (MAX_PADDING_WASTE, grouped_mm_available, grouped_mm_fits, grouped_mm_swiglu,
                               grouped_swiglu, loop_swiglu, padded_bmm_swiglu)
@@ -41,6 +41,8 @@ def outputs_and_grads(fn, x, counts, weights, grad_out=None):
 def skip_unsupported(path: str, dtype: torch.dtype) -> None:
     if path == "grouped_mm" and not grouped_mm_available(torch.device("cpu"), dtype):
         pytest.skip(f"torch._grouped_mm has no CPU kernel for {dtype} in torch {torch.__version__}")
+    if path == "mkl" and not cpu_grouped_gemm.available(torch.empty(0, dtype=dtype)):
+        pytest.skip(f"this torch build has no MKL batched GEMM for {dtype}")
 
 
 @pytest.mark.parametrize("path", list(FAST_PATHS))
@@ -141,6 +143,8 @@ def test_benchmark_quick_run_writes_table_and_json(tmp_path):
     impls = {(r["model"], r["impl"]) for r in saved["rows"]}
     for model in ("mixtral", "qwen2_moe"):
         assert {(model, i) for i in ("mmr1", "mmr1 (+ balance losses)", "eager", "grouped_mm", "batched_mm")} <= impls
+        if cpu_grouped_gemm.available(torch.empty(0)):  # the MKL kernel's own share, timed in the same run
+            assert (model, "mmr1 (torch._grouped_mm experts)") in impls
     for r in saved["rows"]:
         assert r["fwd_bwd_tok_s"] > 0 and r["fwd_tok_s"] > 0
         if not r["impl"].startswith("mmr1"):
@@ -205,7 +209,7 @@ def test_gpu_checks_script_runs_on_cpu(tmp_path):
     assert "| engine packed |" in (tmp_path / "gpu.md").read_text()
 
 
-@pytest.mark.parametrize("path", ["grouped", "padded"])
+@pytest.mark.parametrize("path", ["mkl", "grouped", "padded"])
 @pytest.mark.parametrize("unused", [False, True])
 def test_routed_experts_equal_sort_loop_and_combine_fp32(path, unused):
     """routed_swiglu (dispatch + experts + weighted combine in one; the padded path never materialises the sorted
@@ -271,3 +275,77 @@ def test_routed_padded_path_under_autocast_gives_fp32_master_weights_close_gradi
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     for name, a, b in zip(("x", "routing weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
+
+
+def _loop_products(a, b, counts, transpose_b=False):
+    rows = [r @ (w.T if transpose_b else w) for r, w in zip(a.split(counts.tolist()), b)]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("layout", list(COUNTS))
+def test_mkl_grouped_gemm_equals_per_group_matmuls(layout):
+    """cpu_grouped_gemm: plain, transposed-b, accumulating and weight-gradient products, groups without rows
+    included, on rows with a stride wider than their width (a slice of a bigger tensor)."""
+    skip_unsupported("mkl", torch.float32)
+    counts = torch.tensor(COUNTS[layout])
+    g = torch.Generator().manual_seed(7)
+    M, E, K, N = int(counts.sum()), counts.numel(), 12, 5
+    a = torch.randn(M, K + 3, generator=g)[:, 1:K + 1]  # row stride K + 3
+    b = torch.randn(E, K, N, generator=g)
+    bt = torch.randn(E, N, K, generator=g)
+    dy = torch.randn(M, N, generator=g)
+    gemm = cpu_grouped_gemm.grouped_gemm
+    torch.testing.assert_close(gemm(a, b, counts), _loop_products(a, b, counts), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gemm(a, bt, counts, transpose_b=True), _loop_products(a, bt, counts, True),
+                               atol=1e-6, rtol=1e-6)
+    start = torch.randn(M, N, generator=g)
+    torch.testing.assert_close(gemm(a, b, counts, out=start.clone()), start + _loop_products(a, b, counts),
+                               atol=1e-6, rtol=1e-6)
+    dw = cpu_grouped_gemm.grouped_weight_gemm(a, dy, counts)
+    ref = torch.stack([r.T @ d for r, d in zip(a.split(counts.tolist()), dy.split(counts.tolist()))])
+    torch.testing.assert_close(dw, ref, atol=1e-6, rtol=1e-6)
+    assert (dw[counts == 0] == 0).all()  # written, not left uninitialised
+
+
+def test_mkl_grouped_gemm_refuses_what_it_cannot_run():
+    assert not cpu_grouped_gemm.available(torch.empty(4, 4, dtype=torch.bfloat16))
+    assert not cpu_grouped_gemm.available(torch.empty(4, 4).T)  # columns not contiguous
+    assert moe_kernels.kernel_choice(torch.device("cpu"), torch.float32, torch.tensor([2, 2]), 4,
+                                     torch.empty(4, 4).T)[0] != "mkl"
+
+
+def test_grouped_swiglu_block_equals_autograd_of_the_same_ops_and_skips_frozen_gradients():
+    """GroupedSwiGLU's hand-written backward (routing weight inside) equals autograd through the loop reference,
+    for every input; frozen expert weights get no gradient and the rest stay the same."""
+    skip_unsupported("mkl", torch.float32)
+    x, counts, weights = case(COUNTS["uneven_with_empty_experts"], torch.float32, seed=4)
+    routing = torch.rand(x.shape[0], 1, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    grad_out = torch.randn(x.shape[0], D, generator=torch.Generator().manual_seed(3))
+    out = moe_kernels.GroupedSwiGLU.apply(x, counts, *weights, routing)
+    grads = torch.autograd.grad(out, [x, *weights, routing], grad_out)
+    w_gate, w_up, w_down = weights
+
+    def reference(x, w_gate, w_up, w_down, routing):
+        rows = [torch.nn.functional.silu(r @ wg) * (r @ wu) * s @ wd for r, s, wg, wu, wd in
+                zip(x.split(counts.tolist()), routing.split(counts.tolist()), w_gate, w_up, w_down)]
+        return torch.cat(rows)
+
+    ref = reference(x, *weights, routing)
+    ref_grads = torch.autograd.grad(ref, [x, *weights, routing], grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("x", "w_gate", "w_up", "w_down", "routing"), grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    frozen = [w.detach() for w in weights]
+    out = moe_kernels.GroupedSwiGLU.apply(x, counts, *frozen, routing)
+    d_x, d_routing = torch.autograd.grad(out, [x, routing], grad_out)
+    torch.testing.assert_close(d_x, ref_grads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d_routing, ref_grads[4], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the inference branch: same products, intermediates freed as they go
+        torch.testing.assert_close(moe_kernels._mkl_swiglu(x, counts, routing, *weights), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fp32_cpu_layers_take_the_mkl_kernel():
+    skip_unsupported("mkl", torch.float32)
+    x, counts, weights = case([3, 5], torch.float32)
+    assert moe_kernels._routed_path(x, counts, torch.float32, *weights)[0] == "mkl"
+    assert moe_kernels.cpu_path(torch.float32).startswith("mkl")
