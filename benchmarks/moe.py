@@ -236,8 +236,7 @@ def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: 
     full = {"mmr1": ours, "mmr1 (+ balance losses)": WithBalanceLosses(ours)}
     if model == "mixtral":  # the seed's group-limited routing (16 groups of 8, best 4 groups): same expert cost
         full["mmr1 (seed routing)"] = ours_like(block, model, geo, top_k, seed_routing=True).to(device, dtype)
-    if kernel_choice(torch.device(device), dtype, torch.ones(1, dtype=torch.long), 1,
-                     *ours.experts.parameters())[0] == "mkl":  # the same layer with torch._grouped_mm experts
+    if experts_kernel(ours, x) == "mkl":  # the same layer with torch._grouped_mm experts
         full["mmr1 (torch._grouped_mm experts)"] = ours_like(block, model, geo, top_k).to(device, dtype)
         full["mmr1 (torch._grouped_mm experts)"].experts.kernel = "grouped"
     full["grouped_mm"] = HFImplementation(block, "grouped_mm")
@@ -255,6 +254,14 @@ def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: 
                      "ours_over_theirs_fwd_bwd": mine["fwd_bwd_tok_s"] / theirs["fwd_bwd_tok_s"],
                      "ours_over_theirs_fwd": mine["fwd_tok_s"] / theirs["fwd_tok_s"]})
     return rows
+
+
+def experts_kernel(layer: MoEFeedForward, x: torch.Tensor) -> str:
+    """The kernel moe_kernels.kernel_choice picks for this layer's experts on the load its router gives x."""
+    with torch.no_grad():
+        indices = layer.router(x.reshape(-1, x.shape[-1])).indices.reshape(-1)
+    counts = torch.bincount(indices, minlength=layer.cfg.num_experts)
+    return kernel_choice(x.device, x.dtype, counts, indices.numel(), *layer.experts.parameters())[0]
 
 
 def dynamic_activation_savings(geo: Geometry, thresholds=(0.3, 0.5), logit_scales=(1.0, 8.0, 32.0),

@@ -8,8 +8,9 @@ batched rate (benchmarks/moe.py). MKL ships inside x86-64 PyTorch wheels (`libto
 symbols); where it is missing -- other CPUs, builds without MKL -- `available()` is False and callers keep
 `torch._grouped_mm`.
 
-Both functions take rows sorted by group: `a` (M, K), `counts` (G,) rows per group (sum == M), and return new
-tensors; neither tracks autograd (moe_kernels.GroupedSwiGLU writes the backward with them).
+Both functions take rows sorted by group, `a` (M, K), and a `GroupPlan` of the rows per group (made once per
+layer call from counts (G,), sum == M), and return new tensors; neither tracks autograd
+(moe_kernels.GroupedSwiGLU writes the backward with them).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import ctypes
 import functools
 import os
 
+import numpy as np
 import torch
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
@@ -44,59 +46,67 @@ def available(*tensors: torch.Tensor) -> bool:
         t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
 
 
-def _run(trans_a: bool, trans_b: bool, m: torch.Tensor, n: torch.Tensor, k: torch.Tensor,
-         a_ptr: torch.Tensor, lda: int, b_ptr: torch.Tensor, ldb: int, c_ptr: torch.Tensor, ldc: int,
+class GroupPlan:
+    """The per-group sizes and first rows of one `counts` (G,) rows per group, in the arrays MKL reads, made once
+    per layer call and shared by its GEMMs (host-side numpy: a few microseconds, where torch ops on such small
+    arrays cost tens)."""
+
+    def __init__(self, counts: torch.Tensor):
+        sizes = counts.detach().cpu().numpy().astype(np.int64)
+        self.num_groups = sizes.shape[0]
+        self.used = np.flatnonzero(sizes)  # groups with rows
+        self.rows = sizes[self.used].astype(np.int32)  # (U,) their row counts
+        self.first = (np.cumsum(sizes) - sizes)[self.used]  # (U,) their first row
+        self.empty = np.flatnonzero(sizes == 0)
+        self._constants: dict[tuple[str, float], np.ndarray] = {}
+
+    def constant(self, value: float, dtype=np.int32) -> np.ndarray:
+        key = (np.dtype(dtype).str, value)
+        if key not in self._constants:
+            self._constants[key] = np.full(self.used.shape[0], value, dtype=dtype)
+        return self._constants[key]
+
+
+def _address(t: torch.Tensor, index: np.ndarray, dim: int = 0) -> np.ndarray:
+    """(U,) uint64 addresses of t's entries `index` along `dim` (rows of a matrix, matrices of a stack)."""
+    return np.uint64(t.data_ptr()) + index.astype(np.uint64) * np.uint64(t.stride(dim) * _FLOAT_BYTES)
+
+
+def _run(plan: GroupPlan, trans_a: bool, trans_b: bool, m: np.ndarray, n: np.ndarray, k: np.ndarray,
+         a_ptr: np.ndarray, lda: int, b_ptr: np.ndarray, ldb: int, c_ptr: np.ndarray, ldc: int,
          beta: float) -> None:
-    """One cblas_sgemm_batch call, one GEMM per entry of the (G,) size and pointer arrays: C = op(A) op(B) + beta C."""
-    groups = m.shape[0]
+    """One cblas_sgemm_batch call, one GEMM per used group: C = op(A) op(B) + beta C."""
+    groups = plan.used.shape[0]
     if groups == 0:
         return
-    ints = lambda values: values.to(torch.int32).contiguous()  # noqa: E731 - MKL_INT arrays
-    full = lambda value, dtype: torch.full((groups,), value, dtype=dtype)  # noqa: E731
-    arrays = (full(_TRANS if trans_a else _NO_TRANS, torch.int32), full(_TRANS if trans_b else _NO_TRANS, torch.int32),
-              ints(m), ints(n), ints(k), full(1.0, torch.float32), a_ptr, full(lda, torch.int32), b_ptr,
-              full(ldb, torch.int32), full(beta, torch.float32), c_ptr, full(ldc, torch.int32))
-    ones = full(1, torch.int32)  # one GEMM per group
-    _sgemm_batch()(_ROW_MAJOR, *(t.data_ptr() for t in arrays), groups, ones.data_ptr())
+    c = plan.constant
+    arrays = (c(_TRANS if trans_a else _NO_TRANS), c(_TRANS if trans_b else _NO_TRANS), m, n, k,
+              c(1.0, np.float32), a_ptr, c(lda), b_ptr, c(ldb), c(beta, np.float32), c_ptr, c(ldc))
+    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in arrays), groups, c(1).ctypes.data)
 
 
-def _row_pointers(t: torch.Tensor, first_rows: torch.Tensor) -> torch.Tensor:
-    return t.data_ptr() + first_rows * (t.stride(0) * _FLOAT_BYTES)  # (G,) int64 addresses
-
-
-def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, transpose_b: bool = False,
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, plan: GroupPlan, *, transpose_b: bool = False,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """a (M, K) rows sorted by group, b (G, K, N) -- or (G, N, K) used transposed with transpose_b -- -> (M, N),
     the rows of group g times b[g]. With `out` given, the products are added to it (beta = 1) and it is returned."""
     N = b.shape[1] if transpose_b else b.shape[2]
-    K = a.shape[1]
     accumulate = out is not None
     if out is None:
         out = a.new_empty(a.shape[0], N)
-    starts = counts.cumsum(0) - counts  # (G,) first row of each group
-    used = counts.nonzero().squeeze(1)  # groups with rows (one host read, on the CPU)
-    groups = used.numel()
-    first = starts[used]
-    b_ptr = b.data_ptr() + used * (b.stride(0) * _FLOAT_BYTES)
-    _run(False, transpose_b, counts[used], torch.full((groups,), N), torch.full((groups,), K),
-         _row_pointers(a, first), a.stride(0), b_ptr, b.stride(1), _row_pointers(out, first), out.stride(0),
-         1.0 if accumulate else 0.0)
+    c = plan.constant
+    _run(plan, False, transpose_b, plan.rows, c(N), c(a.shape[1]), _address(a, plan.first), a.stride(0),
+         _address(b, plan.used), b.stride(1), _address(out, plan.first), out.stride(0), 1.0 if accumulate else 0.0)
     return out
 
 
-def grouped_weight_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_weight_gemm(a: torch.Tensor, b: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     """a (M, K), b (M, N) rows sorted by group -> (G, K, N): a_gᵀ b_g per group (a weight gradient), zero for
     groups without rows."""
-    G, K, N = counts.shape[0], a.shape[1], b.shape[1]
-    out = a.new_empty(G, K, N)
-    empty = (counts == 0).nonzero().squeeze(1)
-    if empty.numel():
-        out.index_fill_(0, empty, 0.0)
-    starts = counts.cumsum(0) - counts
-    used = counts.nonzero().squeeze(1)
-    groups = used.numel()
-    first = starts[used]
-    c_ptr = out.data_ptr() + used * (out.stride(0) * _FLOAT_BYTES)
-    _run(True, False, torch.full((groups,), K), torch.full((groups,), N), counts[used],
-         _row_pointers(a, first), a.stride(0), _row_pointers(b, first), b.stride(0), c_ptr, out.stride(1), 0.0)
+    K, N = a.shape[1], b.shape[1]
+    out = a.new_empty(plan.num_groups, K, N)
+    if plan.empty.size:
+        out[torch.from_numpy(plan.empty)] = 0.0
+    c = plan.constant
+    _run(plan, True, False, c(K), c(N), plan.rows, _address(a, plan.first), a.stride(0), _address(b, plan.first),
+         b.stride(0), _address(out, plan.used), out.stride(1), 0.0)
     return out

@@ -99,6 +99,14 @@ def grouped_mm_fits(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
 MAX_PADDING_WASTE = 3.0  # padded rows E * C allowed per real row before the CPU switches to grouped_mm
 
 
+# MKL's batched GEMM spreads whole experts over the cores, which pays when there are many experts with a few dozen
+# rows each (the seed geometry: 128 experts, ~64 rows). With few experts, or a handful of rows per expert (decode
+# steps), torch._grouped_mm's per-GEMM split measured as fast or faster on the 2-core CPU (8 experts: 0.93-0.98x
+# fwd+bwd; 32 experts x 128 rows: 1.34x; 128 x 16 rows: 0.97x; 128 x 64 rows: 1.2x).
+MKL_MIN_EXPERTS = 16
+MKL_MIN_ROWS_PER_EXPERT = 32
+
+
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
     """The fastest correct path for x's device and dtype (kernel_choice): grouped GEMM or padded bmm."""
@@ -119,7 +127,9 @@ def kernel_choice(device: torch.device, dtype: torch.dtype, counts: torch.Tensor
     padding is cheap (oneDNN/AMX bmm; 6-11 % faster per layer when fused with the dispatch), padded bmm wherever
     grouped GEMM has no kernel or `tensors` don't fit its alignment."""
     if device.type == "cpu" and dtype == torch.float32 and cpu_grouped_gemm.available(*tensors):
-        return "mkl", None
+        used = int((counts > 0).sum())
+        if used >= MKL_MIN_EXPERTS and rows >= MKL_MIN_ROWS_PER_EXPERT * used:
+            return "mkl", None
     grouped_ok = grouped_mm_available(device, dtype) and grouped_mm_fits(dtype, *tensors)
     if grouped_ok and (device.type != "cpu" or dtype == torch.float32):
         return "grouped", None
@@ -263,33 +273,34 @@ class GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, counts, w_gate, w_up, w_down, weight):
-        gemm = cpu_grouped_gemm.grouped_gemm
-        gate, up = gemm(x, w_gate, counts), gemm(x, w_up, counts)  # (M, H)
+        gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.GroupPlan(counts)
+        ctx.plan = plan
+        gate, up = gemm(x, w_gate, plan), gemm(x, w_up, plan)  # (M, H)
         act = F.silu(gate)
         # The routing weight scales the hidden row (H wide, cheaper than D). Keeping act * weight and up * weight
         # makes each of the backward's element-wise terms one multiply.
         act_w, up_w = act * weight, up * weight  # (M, H)
         hidden = act * up_w  # (M, H)
         ctx.save_for_backward(x, counts, w_gate, w_up, w_down, weight, gate, up, act, act_w, up_w, hidden)
-        return gemm(hidden, w_down, counts)  # (M, D)
+        return gemm(hidden, w_down, plan)  # (M, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         x, counts, w_gate, w_up, w_down, weight, gate, up, act, act_w, up_w, hidden = ctx.saved_tensors
         need_x, _, need_gate, need_up, need_down, need_weight = ctx.needs_input_grad
-        gemm, weight_gemm = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.grouped_weight_gemm
+        gemm, weight_gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.grouped_weight_gemm, ctx.plan
         d_out = d_out.contiguous()
-        d_hidden = gemm(d_out, w_down, counts, transpose_b=True)  # (M, H)
+        d_hidden = gemm(d_out, w_down, plan, transpose_b=True)  # (M, H)
         d_weight = torch.linalg.vecdot(d_hidden, act * up)[:, None] if need_weight else None  # (M, 1)
-        d_w_down = weight_gemm(hidden, d_out, counts) if need_down else None  # (E, H, D)
+        d_w_down = weight_gemm(hidden, d_out, plan) if need_down else None  # (E, H, D)
         d_up = d_hidden * act_w  # (M, H)
         d_gate = torch.ops.aten.silu_backward(d_hidden * up_w, gate)  # (M, H)
         d_x = None
         if need_x:
-            d_x = gemm(d_up, w_up, counts, transpose_b=True, out=gemm(d_gate, w_gate, counts, transpose_b=True))
-        d_w_gate = weight_gemm(x, d_gate, counts) if need_gate else None  # (E, D, H)
-        d_w_up = weight_gemm(x, d_up, counts) if need_up else None  # (E, D, H)
+            d_x = gemm(d_up, w_up, plan, transpose_b=True, out=gemm(d_gate, w_gate, plan, transpose_b=True))
+        d_w_gate = weight_gemm(x, d_gate, plan) if need_gate else None  # (E, D, H)
+        d_w_up = weight_gemm(x, d_up, plan) if need_up else None  # (E, D, H)
         return d_x, None, d_w_gate, d_w_up, d_w_down, d_weight
 
 
@@ -298,9 +309,9 @@ def _mkl_swiglu(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, w_g
     """GroupedSwiGLU, or without autograd the same products with the intermediates freed as they go."""
     if torch.is_grad_enabled():
         return GroupedSwiGLU.apply(x, counts, w_gate, w_up, w_down, weight)
-    gemm = cpu_grouped_gemm.grouped_gemm
-    hidden = F.silu(gemm(x, w_gate, counts), inplace=True).mul_(gemm(x, w_up, counts)).mul_(weight)  # (M, H)
-    return gemm(hidden, w_down, counts)  # (M, D)
+    gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.GroupPlan(counts)
+    hidden = F.silu(gemm(x, w_gate, plan), inplace=True).mul_(gemm(x, w_up, plan)).mul_(weight)  # (M, H)
+    return gemm(hidden, w_down, plan)  # (M, D)
 
 
 def weighted_grouped_swiglu_reference(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,
@@ -315,7 +326,8 @@ def cpu_path(dtype: torch.dtype) -> str:
     """Which kernel a MoE layer (routed_swiglu) uses on CPU for this dtype under a balanced load (the benchmark
     reports it)."""
     if dtype == torch.float32 and cpu_grouped_gemm.available(torch.empty(0)):
-        return "mkl grouped GEMM (cblas_sgemm_batch)"
+        return (f"mkl grouped GEMM (cblas_sgemm_batch) from {MKL_MIN_EXPERTS} experts x {MKL_MIN_ROWS_PER_EXPERT} "
+                "rows, else grouped_mm")
     if grouped_mm_available(torch.device("cpu"), dtype) and dtype == torch.float32:
         return "grouped_mm"
     if grouped_mm_available(torch.device("cpu"), dtype):

@@ -11,7 +11,9 @@ from mmr1.moe import GroupedExperts
 from mmr1.moe_kernels import (MAX_PADDING_WASTE, grouped_mm_available, grouped_mm_fits, grouped_mm_swiglu,
                               grouped_swiglu, loop_swiglu, padded_bmm_swiglu)
 
-FAST_PATHS = {"grouped_swiglu": grouped_swiglu, "padded_bmm": padded_bmm_swiglu, "grouped_mm": grouped_mm_swiglu}
+FAST_PATHS = {"grouped_swiglu": grouped_swiglu, "padded_bmm": padded_bmm_swiglu, "grouped_mm": grouped_mm_swiglu,
+              "mkl": lambda x, counts, *w: moe_kernels._mkl_swiglu(x, counts, x.new_ones(x.shape[0], 1), *w)}
+FP32_ONLY = {"mkl"}  # MKL's batched GEMM is single precision
 COUNTS = {
     "uneven_with_empty_experts": [3, 0, 7, 1, 0, 5],
     "one_expert": [9],
@@ -57,7 +59,7 @@ def test_fast_paths_match_loop_forward_and_all_gradients_fp32(path, layout):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("path", list(FAST_PATHS))
+@pytest.mark.parametrize("path", [p for p in FAST_PATHS if p not in FP32_ONLY])
 def test_fast_paths_match_loop_bf16(path):
     skip_unsupported(path, torch.bfloat16)
     x, counts, weights = case(COUNTS["uneven_with_empty_experts"], torch.bfloat16)
@@ -294,14 +296,14 @@ def test_mkl_grouped_gemm_equals_per_group_matmuls(layout):
     b = torch.randn(E, K, N, generator=g)
     bt = torch.randn(E, N, K, generator=g)
     dy = torch.randn(M, N, generator=g)
-    gemm = cpu_grouped_gemm.grouped_gemm
-    torch.testing.assert_close(gemm(a, b, counts), _loop_products(a, b, counts), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(gemm(a, bt, counts, transpose_b=True), _loop_products(a, bt, counts, True),
+    gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.GroupPlan(counts)
+    torch.testing.assert_close(gemm(a, b, plan), _loop_products(a, b, counts), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gemm(a, bt, plan, transpose_b=True), _loop_products(a, bt, counts, True),
                                atol=1e-6, rtol=1e-6)
     start = torch.randn(M, N, generator=g)
-    torch.testing.assert_close(gemm(a, b, counts, out=start.clone()), start + _loop_products(a, b, counts),
+    torch.testing.assert_close(gemm(a, b, plan, out=start.clone()), start + _loop_products(a, b, counts),
                                atol=1e-6, rtol=1e-6)
-    dw = cpu_grouped_gemm.grouped_weight_gemm(a, dy, counts)
+    dw = cpu_grouped_gemm.grouped_weight_gemm(a, dy, plan)
     ref = torch.stack([r.T @ d for r, d in zip(a.split(counts.tolist()), dy.split(counts.tolist()))])
     torch.testing.assert_close(dw, ref, atol=1e-6, rtol=1e-6)
     assert (dw[counts == 0] == 0).all()  # written, not left uninitialised
@@ -344,8 +346,14 @@ def test_grouped_swiglu_block_equals_autograd_of_the_same_ops_and_skips_frozen_g
         torch.testing.assert_close(moe_kernels._mkl_swiglu(x, counts, routing, *weights), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_fp32_cpu_layers_take_the_mkl_kernel():
+def test_fp32_cpu_layers_take_the_mkl_kernel_for_many_experts_with_dozens_of_rows():
     skip_unsupported("mkl", torch.float32)
-    x, counts, weights = case([3, 5], torch.float32)
-    assert moe_kernels._routed_path(x, counts, torch.float32, *weights)[0] == "mkl"
+    _, _, weights = case([1] * 16, torch.float32)
+    many = torch.full((16,), moe_kernels.MKL_MIN_ROWS_PER_EXPERT)
+    x = torch.randn(int(many.sum()), D)
+    assert moe_kernels._routed_path(x, many, torch.float32, *weights)[0] == "mkl"
+    few_rows = torch.full((16,), 4)  # a decode step's handful of rows per expert
+    assert moe_kernels._routed_path(x[:64], few_rows, torch.float32, *weights)[0] == "grouped"
+    x8, c8, w8 = case([64] * 8, torch.float32)  # few experts: torch._grouped_mm splits each GEMM well
+    assert moe_kernels._routed_path(x8, c8, torch.float32, *w8)[0] == "grouped"
     assert moe_kernels.cpu_path(torch.float32).startswith("mkl")
