@@ -312,6 +312,8 @@ def test_mkl_grouped_gemm_equals_per_group_matmuls(layout):
 def test_mkl_grouped_gemm_refuses_what_it_cannot_run():
     assert not cpu_grouped_gemm.available(torch.empty(4, 4, dtype=torch.bfloat16))
     assert not cpu_grouped_gemm.available(torch.empty(4, 4).T)  # columns not contiguous
+    assert not cpu_grouped_gemm.available(torch.empty(1, 4).expand(3, 4))  # rows overlap (stride 0)
+    assert cpu_grouped_gemm.available(torch.empty(4, 6)[:, :4], torch.empty(2, 4, 4))
     assert moe_kernels.kernel_choice(torch.device("cpu"), torch.float32, torch.tensor([2, 2]), 4,
                                      torch.empty(4, 4).T)[0] != "mkl"
 
