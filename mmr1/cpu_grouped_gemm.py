@@ -27,17 +27,37 @@ _FLOAT_BYTES = 4
 
 @functools.cache
 def _sgemm_batch():
-    """MKL's cblas_sgemm_batch (LP64: 32-bit MKL_INT) from the libtorch this process runs, or None."""
+    """MKL's cblas_sgemm_batch from the libtorch this process runs, or None. Only where the library also exports
+    MKL's `_64`-suffixed (ILP64) entry points: there the plain symbols are the LP64 ones (32-bit MKL_INT, the arrays
+    built here); a library with only plain symbols could be either, and is not used. A small product is checked
+    against torch.mm before the function is handed out."""
     if not torch.backends.mkl.is_available():
         return None
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        fn = lib.cblas_sgemm_batch
+        fn, _ = lib.cblas_sgemm_batch, lib.sgemm_batch_64
     except (OSError, AttributeError):
         return None
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_void_p]
-    return fn
+    return fn if _self_test(fn) else None
+
+
+def _self_test(fn) -> bool:
+    """Two groups of different sizes through `fn`, against torch.mm."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=g), torch.randn(2, 3, 4, generator=g)
+    out = torch.full((5, 4), float("nan"))
+    ints = lambda *v: np.array(v, dtype=np.int32)  # noqa: E731
+    floats = lambda *v: np.array(v, dtype=np.float32)  # noqa: E731
+    pointers = lambda t, offsets: (np.uint64(t.data_ptr()) + offsets.astype(np.uint64) * np.uint64(4))  # noqa: E731
+    arrays = (ints(_NO_TRANS, _NO_TRANS), ints(_NO_TRANS, _NO_TRANS), ints(2, 3), ints(4, 4), ints(3, 3),
+              floats(1, 1), pointers(a, np.array([0, 6])), ints(3, 3), pointers(b, np.array([0, 12])), ints(4, 4),
+              floats(0, 0), pointers(out, np.array([0, 8])), ints(4, 4))
+    group_sizes = ints(1, 1)  # held here: MKL reads it during the call
+    fn(_ROW_MAJOR, *(arr.ctypes.data for arr in arrays), 2, group_sizes.ctypes.data)
+    expected = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
+    return bool(torch.allclose(out, expected, atol=1e-5))
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -78,7 +98,8 @@ def _address(t: torch.Tensor, index: np.ndarray, dim: int = 0) -> np.ndarray:
 def _run(plan: GroupPlan, trans_a: bool, trans_b: bool, m: np.ndarray, n: np.ndarray, k: np.ndarray,
          a_ptr: np.ndarray, lda: int, b_ptr: np.ndarray, ldb: int, c_ptr: np.ndarray, ldc: int,
          beta: float) -> None:
-    """One cblas_sgemm_batch call, one GEMM per used group: C = op(A) op(B) + beta C."""
+    """One cblas_sgemm_batch call, one GEMM per used group: C = op(A) op(B) + beta C. Every array stays referenced
+    (arguments, `arrays`, the plan's constants) while MKL reads it."""
     groups = plan.used.shape[0]
     if groups == 0:
         return
