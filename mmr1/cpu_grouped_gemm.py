@@ -61,11 +61,13 @@ def _self_test(fn) -> bool:
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """Whether the MKL grouped GEMM can run on these tensors: fp32, CPU, unit stride along their rows and rows at
-    least their width apart (MKL's leading dimension; it refuses anything else with a printed error and no result,
-    so such tensors must never reach it)."""
+    """Whether the MKL grouped GEMM can run on these tensors: plain fp32 CPU tensors (not a tensor subclass such as
+    a sharded DTensor, whose data pointer is not the whole tensor), unit stride along their rows, and rows at least
+    their width apart (MKL's leading dimension; it refuses anything else with a printed error and no result, so such
+    tensors must never reach it)."""
     return _sgemm_batch() is not None and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
+        type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+        and t.stride(-1) == 1
         and (t.dim() < 2 or t.stride(-2) >= max(t.shape[-1], 1)) for t in tensors)
 
 

@@ -314,14 +314,6 @@ def _mkl_swiglu(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, w_g
     return gemm(hidden, w_down, plan)  # (M, D)
 
 
-def weighted_grouped_swiglu_reference(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,
-                                      w_up: torch.Tensor, w_down: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """GroupedSwiGLU's forward as torch._grouped_mm ops, differentiated by autograd (its tested reference)."""
-    offs = _offsets(counts)
-    hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offs)) * torch._grouped_mm(x, w_up, offs=offs) * weight
-    return torch._grouped_mm(hidden, w_down, offs=offs)
-
-
 def cpu_path(dtype: torch.dtype) -> str:
     """Which kernel a MoE layer (routed_swiglu) uses on CPU for this dtype under a balanced load (the benchmark
     reports it)."""

@@ -314,6 +314,11 @@ def test_mkl_grouped_gemm_refuses_what_it_cannot_run():
     assert not cpu_grouped_gemm.available(torch.empty(4, 4).T)  # columns not contiguous
     assert not cpu_grouped_gemm.available(torch.empty(1, 4).expand(3, 4))  # rows overlap (stride 0)
     assert cpu_grouped_gemm.available(torch.empty(4, 6)[:, :4], torch.empty(2, 4, 4))
+
+    class Wrapped(torch.Tensor):  # a tensor subclass (a sharded DTensor is one): its data pointer may not be it all
+        pass
+
+    assert not cpu_grouped_gemm.available(torch.empty(4, 4).as_subclass(Wrapped))
     assert moe_kernels.kernel_choice(torch.device("cpu"), torch.float32, torch.tensor([2, 2]), 4,
                                      torch.empty(4, 4).T)[0] != "mkl"
 
