@@ -44,20 +44,12 @@ def _sgemm_batch():
 
 
 def _self_test(fn) -> bool:
-    """Two groups of different sizes through `fn`, against torch.mm."""
+    """Two groups of different sizes through `fn` (grouped_gemm's own path), against torch.mm."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 3, generator=g), torch.randn(2, 3, 4, generator=g)
-    out = torch.full((5, 4), float("nan"))
-    ints = lambda *v: np.array(v, dtype=np.int32)  # noqa: E731
-    floats = lambda *v: np.array(v, dtype=np.float32)  # noqa: E731
-    pointers = lambda t, offsets: (np.uint64(t.data_ptr()) + offsets.astype(np.uint64) * np.uint64(4))  # noqa: E731
-    arrays = (ints(_NO_TRANS, _NO_TRANS), ints(_NO_TRANS, _NO_TRANS), ints(2, 3), ints(4, 4), ints(3, 3),
-              floats(1, 1), pointers(a, np.array([0, 6])), ints(3, 3), pointers(b, np.array([0, 12])), ints(4, 4),
-              floats(0, 0), pointers(out, np.array([0, 8])), ints(4, 4))
-    group_sizes = ints(1, 1)  # held here: MKL reads it during the call
-    fn(_ROW_MAJOR, *(arr.ctypes.data for arr in arrays), 2, group_sizes.ctypes.data)
-    expected = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
-    return bool(torch.allclose(out, expected, atol=1e-5))
+    out = torch.zeros(5, 4)  # accumulated into (beta = 1): left at zero if the call does nothing
+    grouped_gemm(a, b, GroupPlan(torch.tensor([2, 3])), out=out, sgemm_batch=fn)
+    return bool(torch.allclose(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]), atol=1e-5))
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -92,14 +84,14 @@ class GroupPlan:
         return self._constants[key]
 
 
-def _address(t: torch.Tensor, index: np.ndarray, dim: int = 0) -> np.ndarray:
-    """(U,) uint64 addresses of t's entries `index` along `dim` (rows of a matrix, matrices of a stack)."""
-    return np.uint64(t.data_ptr()) + index.astype(np.uint64) * np.uint64(t.stride(dim) * _FLOAT_BYTES)
+def _address(t: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    """(U,) uint64 addresses of t's entries `index` along its first dim (rows of a matrix, matrices of a stack)."""
+    return np.uint64(t.data_ptr()) + index.astype(np.uint64) * np.uint64(t.stride(0) * _FLOAT_BYTES)
 
 
 def _run(plan: GroupPlan, trans_a: bool, trans_b: bool, m: np.ndarray, n: np.ndarray, k: np.ndarray,
          a_ptr: np.ndarray, lda: int, b_ptr: np.ndarray, ldb: int, c_ptr: np.ndarray, ldc: int,
-         beta: float) -> None:
+         beta: float, sgemm_batch=None) -> None:
     """One cblas_sgemm_batch call, one GEMM per used group: C = op(A) op(B) + beta C. Every array stays referenced
     (arguments, `arrays`, the plan's constants) while MKL reads it."""
     groups = plan.used.shape[0]
@@ -108,20 +100,22 @@ def _run(plan: GroupPlan, trans_a: bool, trans_b: bool, m: np.ndarray, n: np.nda
     c = plan.constant
     arrays = (c(_TRANS if trans_a else _NO_TRANS), c(_TRANS if trans_b else _NO_TRANS), m, n, k,
               c(1.0, np.float32), a_ptr, c(lda), b_ptr, c(ldb), c(beta, np.float32), c_ptr, c(ldc))
-    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in arrays), groups, c(1).ctypes.data)
+    (sgemm_batch or _sgemm_batch())(_ROW_MAJOR, *(arr.ctypes.data for arr in arrays), groups, c(1).ctypes.data)
 
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, plan: GroupPlan, *, transpose_b: bool = False,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, sgemm_batch=None) -> torch.Tensor:
     """a (M, K) rows sorted by group, b (G, K, N) -- or (G, N, K) used transposed with transpose_b -- -> (M, N),
-    the rows of group g times b[g]. With `out` given, the products are added to it (beta = 1) and it is returned."""
+    the rows of group g times b[g]. With `out` given, the products are added to it (beta = 1) and it is returned.
+    `sgemm_batch`: the MKL function to call (the loader's self-test passes the one it is checking)."""
     N = b.shape[1] if transpose_b else b.shape[2]
     accumulate = out is not None
     if out is None:
         out = a.new_empty(a.shape[0], N)
     c = plan.constant
     _run(plan, False, transpose_b, plan.rows, c(N), c(a.shape[1]), _address(a, plan.first), a.stride(0),
-         _address(b, plan.used), b.stride(1), _address(out, plan.first), out.stride(0), 1.0 if accumulate else 0.0)
+         _address(b, plan.used), b.stride(1), _address(out, plan.first), out.stride(0), 1.0 if accumulate else 0.0,
+         sgemm_batch)
     return out
 
 

@@ -281,13 +281,13 @@ class GroupedSwiGLU(torch.autograd.Function):
         # makes each of the backward's element-wise terms one multiply.
         act_w, up_w = act * weight, up * weight  # (M, H)
         hidden = act * up_w  # (M, H)
-        ctx.save_for_backward(x, counts, w_gate, w_up, w_down, weight, gate, up, act, act_w, up_w, hidden)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, gate, up, act, act_w, up_w, hidden)
         return gemm(hidden, w_down, plan)  # (M, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
-        x, counts, w_gate, w_up, w_down, weight, gate, up, act, act_w, up_w, hidden = ctx.saved_tensors
+        x, w_gate, w_up, w_down, gate, up, act, act_w, up_w, hidden = ctx.saved_tensors  # counts live in ctx.plan
         need_x, _, need_gate, need_up, need_down, need_weight = ctx.needs_input_grad
         gemm, weight_gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.grouped_weight_gemm, ctx.plan
         d_out = d_out.contiguous()
