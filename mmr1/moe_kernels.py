@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmr1 import cpu_grouped_gemm
+from mmr1.moe_elementwise import fused_swiglu_backward, fused_swiglu_forward
 
 
 def loop_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -276,32 +277,28 @@ class GroupedSwiGLU(torch.autograd.Function):
         gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.GroupPlan(counts)
         ctx.plan = plan
         gate, up = gemm(x, w_gate, plan), gemm(x, w_up, plan)  # (M, H)
-        act = F.silu(gate)
-        # The routing weight scales the hidden row (H wide, cheaper than D). Keeping act * weight and up * weight
-        # makes each of the backward's element-wise terms one multiply.
-        act_w, up_w = act * weight, up * weight  # (M, H)
-        hidden = act * up_w  # (M, H)
-        ctx.save_for_backward(x, w_gate, w_up, w_down, gate, up, act, act_w, up_w, hidden)
+        # The routing weight scales the hidden row (H wide, cheaper than D); the element-wise work is one fused
+        # kernel each way (moe_elementwise), which recomputes silu in the backward instead of keeping it.
+        hidden = fused_swiglu_forward(gate, up, weight)  # (M, H)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, gate, up, weight, hidden)
         return gemm(hidden, w_down, plan)  # (M, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
-        x, w_gate, w_up, w_down, gate, up, act, act_w, up_w, hidden = ctx.saved_tensors  # counts live in ctx.plan
+        x, w_gate, w_up, w_down, gate, up, weight, hidden = ctx.saved_tensors  # counts live in ctx.plan
         need_x, _, need_gate, need_up, need_down, need_weight = ctx.needs_input_grad
         gemm, weight_gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.grouped_weight_gemm, ctx.plan
         d_out = d_out.contiguous()
         d_hidden = gemm(d_out, w_down, plan, transpose_b=True)  # (M, H)
-        d_weight = torch.linalg.vecdot(d_hidden, act * up)[:, None] if need_weight else None  # (M, 1)
         d_w_down = weight_gemm(hidden, d_out, plan) if need_down else None  # (E, H, D)
-        d_up = d_hidden * act_w  # (M, H)
-        d_gate = torch.ops.aten.silu_backward(d_hidden * up_w, gate)  # (M, H)
+        d_gate, d_up, d_weight = fused_swiglu_backward(d_hidden, gate, up, weight)  # (M, H), (M, H), (M, 1)
         d_x = None
         if need_x:
             d_x = gemm(d_up, w_up, plan, transpose_b=True, out=gemm(d_gate, w_gate, plan, transpose_b=True))
         d_w_gate = weight_gemm(x, d_gate, plan) if need_gate else None  # (E, D, H)
         d_w_up = weight_gemm(x, d_up, plan) if need_up else None  # (E, D, H)
-        return d_x, None, d_w_gate, d_w_up, d_w_down, d_weight
+        return d_x, None, d_w_gate, d_w_up, d_w_down, d_weight if need_weight else None
 
 
 def _mkl_swiglu(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, w_gate: torch.Tensor,

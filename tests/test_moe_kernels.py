@@ -303,10 +303,11 @@ def test_mkl_grouped_gemm_equals_per_group_matmuls(layout):
     start = torch.randn(M, N, generator=g)
     torch.testing.assert_close(gemm(a, b, plan, out=start.clone()), start + _loop_products(a, b, counts),
                                atol=1e-6, rtol=1e-6)
-    dw = cpu_grouped_gemm.grouped_weight_gemm(a, dy, plan)
     ref = torch.stack([r.T @ d for r, d in zip(a.split(counts.tolist()), dy.split(counts.tolist()))])
-    torch.testing.assert_close(dw, ref, atol=1e-6, rtol=1e-6)
-    assert (dw[counts == 0] == 0).all()  # written, not left uninitialised
+    for row_block in (128, 5, 1):  # whole products; blocks of 5, 5, 2 output rows; one row each
+        dw = cpu_grouped_gemm.grouped_weight_gemm(a, dy, plan, row_block=row_block)
+        torch.testing.assert_close(dw, ref, atol=1e-6, rtol=1e-6)
+        assert (dw[counts == 0] == 0).all()  # written, not left uninitialised
 
 
 def test_mkl_grouped_gemm_refuses_what_it_cannot_run():
