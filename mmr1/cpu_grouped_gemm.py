@@ -53,6 +53,7 @@ def _self_test(fn) -> bool:
     return bool(torch.allclose(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]), atol=1e-5))
 
 
+@torch.compiler.disable  # loads a shared library on first use: not something for dynamo to trace
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the MKL grouped GEMM can run on these tensors: plain fp32 CPU tensors (not a tensor subclass such as
     a sharded DTensor, whose data pointer is not the whole tensor), unit stride along their rows, and rows at least

@@ -48,8 +48,20 @@ def grouped_mm_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tenso
     dtype = compute_dtype(x, w_gate)
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
     offs = _offsets(counts)
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # grouped_mm's shape function (which torch.compile traces with) accepts only 16-bit inputs, where the
+        # CPU kernel also runs fp32: a compiled model runs these products eagerly.
+        return _grouped_products_eager(x, offs, w_gate, w_up, w_down)
+    return _grouped_products(x, offs, w_gate, w_up, w_down)
+
+
+def _grouped_products(x: torch.Tensor, offs: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                      w_down: torch.Tensor) -> torch.Tensor:
     hidden = F.silu(torch._grouped_mm(x, w_gate, offs=offs)) * torch._grouped_mm(x, w_up, offs=offs)  # (M, H)
     return torch._grouped_mm(hidden, w_down, offs=offs)  # (M, D)
+
+
+_grouped_products_eager = torch.compiler.disable(_grouped_products)
 
 
 def padded_bmm_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -301,6 +313,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         return d_x, None, d_w_gate, d_w_up, d_w_down, d_weight if need_weight else None
 
 
+@torch.compiler.disable  # host-side numpy and ctypes: a compiled model runs this part eagerly
 def _mkl_swiglu(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, w_gate: torch.Tensor,
                 w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """GroupedSwiGLU, or without autograd the same products with the intermediates freed as they go."""

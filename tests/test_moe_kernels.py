@@ -365,3 +365,27 @@ def test_fp32_cpu_layers_take_the_mkl_kernel_for_many_experts_with_dozens_of_row
     x8, c8, w8 = case([64] * 8, torch.float32)  # few experts: torch._grouped_mm splits each GEMM well
     assert moe_kernels._routed_path(x8, c8, torch.float32, *w8)[0] == "grouped"
     assert moe_kernels.cpu_path(torch.float32).startswith("mkl")
+
+
+@pytest.mark.parametrize("kernel", ["mkl", "grouped"])
+def test_a_compiled_fp32_moe_layer_equals_the_eager_one(kernel):
+    """torch.compile of a model with fp32 experts on the CPU: MKL's host-side part (numpy plans, ctypes) and
+    torch._grouped_mm in fp32 (its traced shape function takes only 16-bit inputs) run eagerly behind a graph
+    break instead of failing inside dynamo, and outputs and gradients match the eager layer."""
+    skip_unsupported(kernel, torch.float32)
+    from mmr1.config import MoEConfig
+    from mmr1.moe import MoEFeedForward
+
+    torch.manual_seed(0)
+    layer = MoEFeedForward(32, MoEConfig(num_experts=16, num_groups=1, topk_groups=1, top_k=2, expert_hidden=16))
+    layer.experts.kernel = kernel
+    x = torch.randn(1, 512, 32, requires_grad=True)
+    results = []
+    for run in (layer, torch.compile(layer)):
+        for p in [x, *layer.parameters()]:
+            p.grad = None
+        out, _ = run(x)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad, *(p.grad for p in layer.parameters())])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
