@@ -252,30 +252,25 @@ class PaddedSwiGLU(torch.autograd.Function):
     def forward(ctx, padded, w_gate, w_up, w_down, weight):
         gate = torch.bmm(padded, w_gate)  # (E, C, H)
         up = torch.bmm(padded, w_up)  # (E, C, H)
-        act = F.silu(gate)
-        act_up = act * up
         # The routing weight scales the hidden row before the down projection (linear, so the same sum): H wide
-        # instead of D, which makes the multiply and its backward cheaper.
-        hidden = act_up * weight  # (E, C, H)
-        ctx.save_for_backward(padded, w_gate, w_up, w_down, weight, gate, up, act, act_up, hidden)
+        # instead of D. The element-wise work is one fused kernel each way (moe_elementwise).
+        hidden = fused_swiglu_forward(gate, up, weight)  # (E, C, H)
+        ctx.save_for_backward(padded, w_gate, w_up, w_down, weight, gate, up, hidden)
         return torch.bmm(hidden, w_down)  # (E, C, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
-        padded, w_gate, w_up, w_down, weight, gate, up, act, act_up, hidden = ctx.saved_tensors
+        padded, w_gate, w_up, w_down, weight, gate, up, hidden = ctx.saved_tensors
         need_padded, need_gate, need_up, need_down, need_weight = ctx.needs_input_grad  # frozen experts skip theirs
         d_hidden = torch.bmm(d_out, w_down.transpose(1, 2))  # (E, C, H)
-        d_weight = (d_hidden * act_up).sum(-1, keepdim=True) if need_weight else None  # (E, C, 1)
         d_w_down = torch.bmm(hidden.transpose(1, 2), d_out) if need_down else None  # (E, H, D)
-        d_act_up = d_hidden * weight
-        d_up = d_act_up * act  # (E, C, H)
-        d_gate = torch.ops.aten.silu_backward(d_act_up * up, gate)  # (E, C, H)
+        d_gate, d_up, d_weight = fused_swiglu_backward(d_hidden, gate, up, weight)  # (E, C, H) x2, (E, C, 1)
         d_padded = (torch.bmm(d_gate, w_gate.transpose(1, 2)).baddbmm_(d_up, w_up.transpose(1, 2))
                     if need_padded else None)  # (E, C, D)
         d_w_gate = torch.bmm(padded.transpose(1, 2), d_gate) if need_gate else None  # (E, D, H)
         d_w_up = torch.bmm(padded.transpose(1, 2), d_up) if need_up else None  # (E, D, H)
-        return d_padded, d_w_gate, d_w_up, d_w_down, d_weight
+        return d_padded, d_w_gate, d_w_up, d_w_down, d_weight if need_weight else None
 
 
 class GroupedSwiGLU(torch.autograd.Function):

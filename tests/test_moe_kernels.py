@@ -164,7 +164,7 @@ def test_padded_block_backward_equals_autograds_and_its_benchmark_runs(tmp_path)
     grad_out = torch.randn(inputs[0].shape)
     ours = moe_kernels.PaddedSwiGLU.apply(*inputs)
     ref = moe_kernels.weighted_padded_swiglu_reference(*inputs)
-    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)  # fused element-wise kernel: to rounding
     grads = torch.autograd.grad(ours, inputs, grad_out)
     ref_grads = torch.autograd.grad(ref, inputs, grad_out)
     for name, a, b in zip(("padded", "w_gate", "w_up", "w_down", "weight"), grads, ref_grads):
