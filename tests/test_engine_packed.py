@@ -108,3 +108,20 @@ def test_sliding_window_models_keep_the_padded_path():
                    layer_attention=["sliding", "full"], window=4)
     assert not packable(R1Model(cfg))
     assert not Engine(R1Model(cfg)).__dict__["_packed"]
+
+
+def test_short_rows_are_split_where_padding_costs_more_than_a_call():
+    from mmr1.engine.packed import CALL_COST, short_row_groups
+    # Decode rows 10-12 tokens in and 400-410 tokens in: padding the short ones to 410 keys would cost
+    # 2 x 400 key-rows, more than a second call.
+    cached, new = [9, 399, 11, 409], [1, 1, 1, 1]
+    assert short_row_groups([0, 1, 2, 3], cached, new) == [[0, 2], [1, 3]]
+    # Spans close together: one call (splitting saves fewer key-rows than a call costs).
+    cached = [100, 101, 102, 103]
+    assert 2 * 3 < CALL_COST and short_row_groups([0, 1, 2, 3], cached, new) == [[0, 1, 2, 3]]
+    # A 12-token prompt chunk never shares a call with decode rows (it would pad each of them to 12 queries);
+    # rows are only ever grouped among those passed in, each exactly once.
+    cached, new = [0, 50, 52, 0], [12, 1, 1, 16]
+    groups = short_row_groups([0, 1, 2, 3], cached, new)
+    assert sorted(map(sorted, groups)) == [[0, 3], [1, 2]]
+    assert short_row_groups([], [], []) == []

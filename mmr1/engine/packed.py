@@ -3,8 +3,9 @@
 The token-wise work -- embeddings, projections, MLP/MoE, the output head -- runs once over all N tokens, so a
 step that decodes 15 rows and prefills a 40-token chunk reads the weights once instead of once per group, and no
 row is padded to another's length. Only attention needs rows, and the view does it itself (`attend`): short rows
-(decode, speculative verification) are batched with their queries padded, each long row (a prefill chunk) runs
-on its own; K/V are written to and read from the paged pool as in `PagedBatch`.
+(decode, speculative verification, short prompt chunks) are batched in a few calls with their queries padded
+(`short_row_groups`), each long row (a prefill chunk) runs on its own; K/V are written to and read from the paged
+pool as in `PagedBatch`.
 
 Used for models whose self-attention layers are all full causal without ALiBi (the engine falls back to padded
 groups otherwise). Cross-attention K/V of the rows are concatenated with a per-query mask, so image/audio rows
@@ -20,7 +21,10 @@ from mmr1.backbone import R1Model
 from mmr1.engine.paged_cache import PagedKVPool, block_table_tensor
 from mmr1.sdpa import sdpa
 
-SHORT_ROW = 16  # rows feeding at most this many tokens share one padded attention call
+SHORT_ROW = 16  # rows feeding at most this many tokens share padded attention calls
+# What one attention call costs beside its keys, in key-rows of a one-token row (two index_selects of the pool, the
+# SDPA call, the scatter back): about 40 us against 0.25-0.4 us per key-row on this CPU (bf16, 16 heads of 64).
+CALL_COST = 150
 
 
 def packable(model: R1Model) -> bool:
@@ -29,6 +33,41 @@ def packable(model: R1Model) -> bool:
     cfg = model.cfg
     return (all(kind == "full" for kind in cfg.layer_kinds()) and not cfg.alibi_global and cfg.global_tokens is None
             and getattr(model, "packed_forward", True))
+
+
+def query_factor(queries: int) -> float:
+    """Cost of a key-row whose row runs `queries` queries, against a one-token row. CPU flash attention, measured:
+    a second query nearly doubles a row's cost, more queries add little (16 queries: about 3.6x)."""
+    return 1.0 if queries <= 1 else 1.6 + queries / 8
+
+
+def short_row_groups(rows: list[int], cached: list[int], new: list[int]) -> list[list[int]]:
+    """Split the short rows into attention calls. A call pads its rows to its longest query run and key span, so
+    one decode row sharing a call with a 12-token prompt chunk pays for 12 queries, and a row 20 tokens into its
+    answer pays for the key span of one 400 tokens in. One-token rows and multi-token rows go to separate calls;
+    within each, rows sorted by key span are cut where the padding saved outweighs another call (dynamic
+    programming over the cut points, `CALL_COST` per call)."""
+    groups = []
+    for part in ([r for r in rows if new[r] == 1], [r for r in rows if new[r] > 1]):
+        order = sorted(part, key=lambda r: cached[r] + new[r])
+        best = [0.0] + [float("inf")] * len(order)  # best[j]: cheapest calls for order[:j]
+        cut = [0] * (len(order) + 1)
+        for j in range(1, len(order) + 1):
+            span = cached[order[j - 1]] + new[order[j - 1]]  # the longest span of any segment ending at j
+            queries = 0
+            for i in range(j - 1, -1, -1):  # segment order[i:j]
+                queries = max(queries, new[order[i]])
+                keys = (j - i) * span * query_factor(queries)
+                if CALL_COST + keys >= best[j]:
+                    break  # longer segments only cost more
+                if best[i] + CALL_COST + keys < best[j]:
+                    best[j], cut[j] = best[i] + CALL_COST + keys, i
+        j, found = len(order), []
+        while j:
+            found.append(order[cut[j]:j])
+            j = cut[j]
+        groups += found[::-1]
+    return groups
 
 
 class _AttentionGroup:
@@ -79,7 +118,7 @@ class PackedBatch:
         row_of = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(new))  # (N,)
         self.slots = (tables[row_of, positions // bs] * bs + positions % bs).to(device)  # (N,) write slots
         short = [i for i, n in enumerate(new) if n <= SHORT_ROW]
-        groups = ([short] if short else []) + [[i] for i, n in enumerate(new) if n > SHORT_ROW]
+        groups = short_row_groups(short, cached, new) + [[i] for i, n in enumerate(new) if n > SHORT_ROW]
         self.groups = [_AttentionGroup(g, offsets, cached, new, tables, bs) for g in groups]
         for g in self.groups:
             for name in ("real_flat", "real_query", "query_index", "slots", "mask"):
