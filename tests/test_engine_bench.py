@@ -38,3 +38,17 @@ def test_prefix_cache_benchmark_quick_run(tmp_path):
     for workload in ("system_prompt_offline", "multi_turn"):
         assert result[workload]["identical_outputs"] == result[workload]["n_outputs"]
     assert result["system_prompt_stream"]["identical_outputs"] >= result["system_prompt_stream"]["n_outputs"] - 1
+
+
+def test_attention_groups_benchmark_quick_run(tmp_path):
+    from benchmarks.attention_groups import RULES, main
+
+    threads = torch.get_num_threads()
+    try:
+        result = main(["--quick", "--out", str(tmp_path / "attention_groups")])
+    finally:
+        torch.set_num_threads(threads)
+    row = json.loads((tmp_path / "attention_groups.json").read_text())["rows"][0]
+    assert row["output_tokens"] == result["rows"][0]["output_tokens"] > 0
+    # the cost model pads less than one shared call, and never below the work the rows need
+    assert 1.0 <= row["padded_over_needed"][RULES[1]] < row["padded_over_needed"][RULES[0]]
