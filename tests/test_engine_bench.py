@@ -52,3 +52,21 @@ def test_attention_groups_benchmark_quick_run(tmp_path):
     assert row["output_tokens"] == result["rows"][0]["output_tokens"] > 0
     # the cost model pads less than one shared call, and never below the work the rows need
     assert 1.0 <= row["padded_over_needed"][RULES[1]] < row["padded_over_needed"][RULES[0]]
+
+
+def test_prepack_benchmark_quick_run(tmp_path):
+    from benchmarks.prepack import main
+    from mmr1.engine.prepack import available
+
+    if not available():
+        pytest.skip("this torch build has no oneDNN linear packing")
+    threads = torch.get_num_threads()
+    try:
+        result = main(["--quick", "--out", str(tmp_path / "prepack")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "prepack.json").read_text())["rows"]
+    assert len(rows) == len(result["rows"]) == 2
+    assert all(r["output_tokens"] > 0 and r["same_tokens"] == 1.0 for r in rows)  # fp32: identical tokens
+    from mmr1.engine.prepack import PACKED_DTYPES
+    assert PACKED_DTYPES == (torch.bfloat16,)  # the fp32 rows' widening was undone

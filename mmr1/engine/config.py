@@ -101,6 +101,10 @@ class EngineConfig:
     # Reuse the KV blocks of a prompt prefix another request computed (same tokens, same image/audio): vLLM's
     # automatic prefix caching (mmr1/engine/prefix_cache.py). Finished requests' blocks stay cached until evicted.
     enable_prefix_caching: bool = True
+    # CPU, bf16: run the backbone's (and draft's) nn.Linear products on weights reordered once into oneDNN's blocked
+    # layout (mmr1/engine/prepack.py) instead of in every call. Costs a copy of those weights; 1.16-1.25x on the
+    # development machine (benchmarks/results/prepack.md). Not with compile_decode (inductor packs its own).
+    cpu_prepacked_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("model", "int8"):
@@ -113,6 +117,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig: {name}={getattr(self, name)} must be >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"EngineConfig: num_blocks={self.num_blocks} must be >= 1 (or None)")
+        if self.cpu_prepacked_weights and self.compile_decode:
+            raise ValueError("EngineConfig: cpu_prepacked_weights and compile_decode exclude each other (a compiled "
+                             "decode step packs its weights itself); choose one")
         if self.max_num_batched_tokens < self.max_batch:
             raise ValueError(f"EngineConfig: max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_batch={self.max_batch} so every running sequence can decode each step")

@@ -12,6 +12,7 @@ per-request sampling and speculative decoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -28,6 +29,7 @@ from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.encoding_cache import EncodingCache, files_key
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.prefix_cache import modality_key
+from mmr1.engine.prepack import PrepackedLinears
 from mmr1.engine.requests import checked_prompt_ids
 from mmr1.engine.packed import packable
 from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forward_paged, fuse_one
@@ -99,6 +101,11 @@ class Engine:
         self._packed = self.cfg.packed_steps and packable(self.backbone)  # one forward per step (engine/packed.py)
         self._solo: SoloCache | None = None
         self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
+        self._weights = contextlib.nullcontext()  # what every step runs under: packed CPU weights, or nothing
+        if self.cfg.cpu_prepacked_weights:
+            if self.device.type != "cpu":
+                raise ValueError(f"EngineConfig.cpu_prepacked_weights: the model is on {self.device}, not the CPU")
+            self._weights = PrepackedLinears(self.model, draft)
         self._seqs: dict[int, Sequence] = {}
         self._groups: dict[int, list[Sequence]] = {}  # SamplingParams.n > 1: the id add_request gave -> samples
         self._ids = itertools.count()
@@ -244,7 +251,7 @@ class Engine:
     def step(self) -> list[int]:
         """One iteration: admit, run decode + prefill chunks in one forward, sample, retire. Returns the ids of
         requests that produced tokens or finished."""
-        with self._lock:
+        with self._lock, self._weights:
             self._collect_encoded()
             for seq in self.scheduler.admit():
                 self._on_admit(seq)
