@@ -13,6 +13,7 @@ pads to against the work the rows need.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -24,7 +25,7 @@ import torch
 
 from benchmarks.engine_cases import mixed_workload, run_offline, serving_model, weight_bound_model
 from benchmarks.report import publish
-from mmr1.engine import Engine, EngineConfig, packed
+from mmr1.engine import Engine, EngineConfig, SamplingParams, packed
 
 RULES = ("one call", "cost model")
 
@@ -57,17 +58,14 @@ def attention_work(model, workload, max_batch: int) -> dict:
     return counted
 
 
-class _rule:
+@contextlib.contextmanager
+def _rule(groups):
     """packed.short_row_groups replaced by `groups` inside."""
-
-    def __init__(self, groups):
-        self.groups, self.saved = groups, packed.short_row_groups
-
-    def __enter__(self):
-        packed.short_row_groups = self.groups
-
-    def __exit__(self, *exc):
-        packed.short_row_groups = self.saved
+    saved, packed.short_row_groups = packed.short_row_groups, groups
+    try:
+        yield
+    finally:
+        packed.short_row_groups = saved
 
 
 def compare(name: str, model, workload, max_batch: int, rounds: int) -> dict:
@@ -78,7 +76,8 @@ def compare(name: str, model, workload, max_batch: int, rounds: int) -> dict:
             with _rule(groups):
                 engine = Engine(model, config=EngineConfig(max_batch=max_batch))
                 start = time.perf_counter()
-                outs = engine.generate([{"prompt": p, "sampling": _params(n)} for p, n in workload])
+                outs = engine.generate([{"prompt": p, "sampling": SamplingParams(max_new_tokens=n, ignore_eos=True)}
+                                        for p, n in workload])
                 walls[rule].append(time.perf_counter() - start)
                 outputs[rule] = [o.token_ids for o in outs]
     median = {rule: statistics.median(v) for rule, v in walls.items()}
@@ -88,12 +87,6 @@ def compare(name: str, model, workload, max_batch: int, rounds: int) -> dict:
             "speedup": median[RULES[0]] / median[RULES[1]],
             "identical_outputs": outputs[RULES[0]] == outputs[RULES[1]],
             "padded_over_needed": attention_work(model, workload, max_batch)}
-
-
-def _params(n: int):
-    from mmr1.engine import SamplingParams
-
-    return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
 def markdown(result: dict) -> str:

@@ -105,7 +105,7 @@ class Engine:
         if self.cfg.cpu_prepacked_weights:
             if self.device.type != "cpu":
                 raise ValueError(f"EngineConfig.cpu_prepacked_weights: the model is on {self.device}, not the CPU")
-            self._weights = PrepackedLinears(self.model, draft)
+            self._weights = PrepackedLinears(self.model, draft if self.draft is not None else None)
         self._seqs: dict[int, Sequence] = {}
         self._groups: dict[int, list[Sequence]] = {}  # SamplingParams.n > 1: the id add_request gave -> samples
         self._ids = itertools.count()
