@@ -44,6 +44,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 from benchmarks.report import publish
+from mmr1 import cpu_grouped_gemm
 from mmr1.config import MoEConfig
 from mmr1.host_memory import keep_freed_memory
 from mmr1.moe import MoEFeedForward, select_experts
@@ -124,6 +125,30 @@ class WithBalanceLosses(torch.nn.Module):
         out, aux = self.layer(x)
         losses = aux.aux_loss + aux.seq_aux_loss + aux.z_loss
         return out + (0.0 * losses).to(out.dtype)  # zero-weighted: the output is unchanged, the backward runs
+
+
+class MKLOwnThreads(torch.nn.Module):
+    """Our layer with its MKL batches left to MKL's own threading instead of one slice per OpenMP thread
+    (mmr1.cpu_threaded_batch): the threshold is raised for this layer's forward and restored when its backward
+    reaches the input (the last gradient it computes), or right after a forward without autograd."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def _restore(self, *_):
+        cpu_grouped_gemm.MIN_GEMMS_PER_THREAD = self._saved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._saved, cpu_grouped_gemm.MIN_GEMMS_PER_THREAD = cpu_grouped_gemm.MIN_GEMMS_PER_THREAD, 2**31
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            try:
+                return run_layer(self.layer, x)
+            finally:
+                self._restore()
+        x = x.view_as(x)
+        x.register_hook(self._restore)
+        return run_layer(self.layer, x)
 
 
 def run_layer(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +264,8 @@ def bench_case(model: str, dtype_name: str, top_k: int, geo: Geometry, repeats: 
     if experts_kernel(ours, x) == "mkl":  # the same layer with torch._grouped_mm experts
         full["mmr1 (torch._grouped_mm experts)"] = ours_like(block, model, geo, top_k).to(device, dtype)
         full["mmr1 (torch._grouped_mm experts)"].experts.kernel = "grouped"
+        if cpu_grouped_gemm.thread_slices() is not None:
+            full["mmr1 (MKL's own threads)"] = MKLOwnThreads(ours)
     full["grouped_mm"] = HFImplementation(block, "grouped_mm")
     timed = measure_together(full, x, rounds, repeats, warmup, budget_s)
     timed["eager"] = measure(HFImplementation(block, "eager"), x, repeats, warmup, budget_s)

@@ -323,8 +323,10 @@ def cpu_path(dtype: torch.dtype) -> str:
     """Which kernel a MoE layer (routed_swiglu) uses on CPU for this dtype under a balanced load (the benchmark
     reports it)."""
     if dtype == torch.float32 and cpu_grouped_gemm.available(torch.empty(0)):
-        return (f"mkl grouped GEMM (cblas_sgemm_batch) from {MKL_MIN_EXPERTS} experts x {MKL_MIN_ROWS_PER_EXPERT} "
-                "rows, else grouped_mm")
+        threaded = cpu_grouped_gemm.thread_slices() is not None
+        threads = "one slice per OpenMP thread" if threaded else "MKL's threads"
+        return (f"mkl grouped GEMM (cblas_sgemm_batch, {threads}) from {MKL_MIN_EXPERTS} experts x "
+                f"{MKL_MIN_ROWS_PER_EXPERT} rows, else grouped_mm")
     if grouped_mm_available(torch.device("cpu"), dtype) and dtype == torch.float32:
         return "grouped_mm"
     if grouped_mm_available(torch.device("cpu"), dtype):
