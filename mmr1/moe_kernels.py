@@ -283,7 +283,7 @@ class GroupedSwiGLU(torch.autograd.Function):
     def forward(ctx, x, counts, w_gate, w_up, w_down, weight):
         gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.GroupPlan(counts)
         ctx.plan = plan
-        gate, up = gemm(x, w_gate, plan), gemm(x, w_up, plan)  # (M, H)
+        gate, up = cpu_grouped_gemm.grouped_gemm_two(x, w_gate, x, w_up, plan)  # (M, H) each, one batch
         # The routing weight scales the hidden row (H wide, cheaper than D); the element-wise work is one fused
         # kernel each way (moe_elementwise), which recomputes silu in the backward instead of keeping it.
         hidden = fused_swiglu_forward(gate, up, weight)  # (M, H)
@@ -302,7 +302,8 @@ class GroupedSwiGLU(torch.autograd.Function):
         d_gate, d_up, d_weight = fused_swiglu_backward(d_hidden, gate, up, weight)  # (M, H), (M, H), (M, 1)
         d_x = None
         if need_x:
-            d_x = gemm(d_up, w_up, plan, transpose_b=True, out=gemm(d_gate, w_gate, plan, transpose_b=True))
+            d_x = cpu_grouped_gemm.grouped_gemm_two(d_gate, w_gate, d_up, w_up, plan, transpose_b=True,
+                                                    sum_products=True)  # (M, D)
         d_w_gate = weight_gemm(x, d_gate, plan) if need_gate else None  # (E, D, H)
         d_w_up = weight_gemm(x, d_up, plan) if need_up else None  # (E, D, H)
         return d_x, None, d_w_gate, d_w_up, d_w_down, d_weight if need_weight else None
@@ -315,7 +316,8 @@ def _mkl_swiglu(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, w_g
     if torch.is_grad_enabled():
         return GroupedSwiGLU.apply(x, counts, w_gate, w_up, w_down, weight)
     gemm, plan = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.GroupPlan(counts)
-    hidden = F.silu(gemm(x, w_gate, plan), inplace=True).mul_(gemm(x, w_up, plan)).mul_(weight)  # (M, H)
+    gate, up = cpu_grouped_gemm.grouped_gemm_two(x, w_gate, x, w_up, plan)  # (M, H) each
+    hidden = F.silu(gate, inplace=True).mul_(up).mul_(weight)  # (M, H)
     return gemm(hidden, w_down, plan)  # (M, D)
 
 

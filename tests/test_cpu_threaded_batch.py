@@ -86,3 +86,32 @@ def test_unbuildable_loop_warns_once_and_products_stay_right(monkeypatch, tmp_pa
     reference = torch.cat([r @ w for r, w in zip(a.split(counts.tolist()), b)])
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_two_products_in_one_batch_equal_two_batches(monkeypatch, two_threads, threaded):
+    """grouped_gemm_two: the pair (forward gate/up) and the sum (backward dx, the second GEMM of each group
+    accumulating into the first's output, so a slice must never split a group's pair)."""
+    if not cpu_grouped_gemm.available(torch.empty(0)):
+        pytest.skip("no MKL batched GEMM in this torch build")
+    monkeypatch.setattr(cpu_grouped_gemm, "MIN_GEMMS_PER_THREAD", 1 if threaded else 10**9)
+    g = torch.Generator().manual_seed(5)
+    counts = torch.tensor([4, 0, 9, 1, 30, 2, 0, 6, 3, 5, 7])  # uneven: work cuts fall inside a group's pair
+    M, E, K, N = int(counts.sum()), counts.numel(), 10, 6
+    a1, a2 = torch.randn(M, K, generator=g), torch.randn(M, K, generator=g)
+    b1, b2 = torch.randn(E, K, N, generator=g), torch.randn(E, K, N, generator=g)
+    bt1, bt2 = torch.randn(E, N, K, generator=g), torch.randn(E, N, K, generator=g)
+    plan = cpu_grouped_gemm.GroupPlan(counts)
+    gemm, two = cpu_grouped_gemm.grouped_gemm, cpu_grouped_gemm.grouped_gemm_two
+    first, second = two(a1, b1, a1, b2, plan)
+    torch.testing.assert_close(first, gemm(a1, b1, plan), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(second, gemm(a1, b2, plan), atol=1e-6, rtol=1e-6)
+    for _ in range(3):  # the accumulation order inside a slice is what is being tested: repeat
+        summed = two(a1, bt1, a2, bt2, plan, transpose_b=True, sum_products=True)
+        reference = gemm(a1, bt1, plan, transpose_b=True) + gemm(a2, bt2, plan, transpose_b=True)
+        torch.testing.assert_close(summed, reference, atol=1e-5, rtol=1e-5)
+    # Operands whose strides differ take two batches and give the same.
+    wide = torch.randn(M, K + 3, generator=g)[:, :K]
+    torch.testing.assert_close(two(wide, bt1, a2, bt2, plan, transpose_b=True, sum_products=True),
+                               gemm(wide, bt1, plan, transpose_b=True) + gemm(a2, bt2, plan, transpose_b=True),
+                               atol=1e-5, rtol=1e-5)
