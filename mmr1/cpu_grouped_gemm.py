@@ -32,17 +32,26 @@ WEIGHT_GRAD_ROW_BLOCK = 128  # output rows per GEMM of a weight gradient (groupe
 
 
 @functools.cache
+def _libtorch_cpu() -> ctypes.CDLL | None:
+    """The libtorch_cpu this process runs (x86-64 wheels link MKL into it), or None."""
+    try:
+        return ctypes.CDLL(os.path.join(cpu_threaded_batch.torch_lib(), "libtorch_cpu.so"))
+    except OSError:
+        return None
+
+
+@functools.cache
 def _sgemm_batch():
     """MKL's cblas_sgemm_batch from the libtorch this process runs, or None. Only where the library also exports
     MKL's `_64`-suffixed (ILP64) entry points: there the plain symbols are the LP64 ones (32-bit MKL_INT, the arrays
     built here); a library with only plain symbols could be either, and is not used. A small product is checked
     against torch.mm before the function is handed out."""
-    if not torch.backends.mkl.is_available():
+    lib = _libtorch_cpu()
+    if not torch.backends.mkl.is_available() or lib is None:
         return None
     try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
         fn, _ = lib.cblas_sgemm_batch, lib.sgemm_batch_64
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_void_p]
@@ -62,12 +71,8 @@ def _self_test(fn) -> bool:
 def _set_local_threads():
     """Address of MKL's per-thread thread-count setter (`MKL_Set_Num_Threads_Local`, the C entry point: the
     lower-case symbol is the Fortran one, which takes a pointer), or None."""
-    try:
-        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-                         ).MKL_Set_Num_Threads_Local
-    except (OSError, AttributeError):
-        return None
-    return ctypes.cast(fn, ctypes.c_void_p).value
+    fn = getattr(_libtorch_cpu(), "MKL_Set_Num_Threads_Local", None)
+    return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
 
 
 MIN_GEMMS_PER_THREAD = 4  # fewer, and one large GEMM could leave a thread idle: MKL's own threading then

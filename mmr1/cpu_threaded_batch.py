@@ -54,13 +54,14 @@ void sgemm_batch_slices(void *batch, void *set_local_threads, int parts, const i
 """
 
 
-def _torch_lib() -> str:
+def torch_lib() -> str:
+    """The folder of PyTorch's shared libraries (libtorch_cpu, its OpenMP runtime)."""
     return os.path.join(os.path.dirname(torch.__file__), "lib")
 
 
 def openmp_runtime() -> str | None:
     """The GNU OpenMP library PyTorch's wheel ships (and has loaded), or None."""
-    runtimes = sorted(glob.glob(os.path.join(_torch_lib(), "libgomp*.so*")))
+    runtimes = sorted(glob.glob(os.path.join(torch_lib(), "libgomp*.so*")))
     return runtimes[0] if runtimes else None
 
 
