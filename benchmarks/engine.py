@@ -86,6 +86,11 @@ def markdown(r: dict) -> str:
                          f"{s[name]['acceptance_rate']:.0%}, identical: {s[name]['identical_to_greedy']}) | "
                          f"{s[name]['tok_s']:.1f} | {s['plain']['tok_s']:.1f} | {s[name]['speedup']:.2f}x | "
                          f">= 1.5x {ok(s[name]['speedup'] >= 1.5)} |")
+            fixed = s.get(f"{name}_fixed")
+            if fixed is not None:
+                lines.append(f"| 3 | same, fixed draft length 4 (acceptance {fixed['acceptance_rate']:.0%}, identical: "
+                             f"{fixed['identical_to_greedy']}) | {fixed['tok_s']:.1f} | {s['plain']['tok_s']:.1f} | "
+                             f"{fixed['speedup']:.2f}x | |")
     q = r["int8_kv"]
     lines.append(f"| 4 | INT8 KV bytes/token (fp32 {q['bytes_per_token']['fp32']}, bf16 {q['bytes_per_token']['bf16']})"
                  f" | {q['bytes_per_token']['int8']} | | -{q['saving_vs_bf16']:.1%} vs bf16, -{q['saving_vs_fp32']:.1%}"
@@ -127,7 +132,8 @@ def markdown(r: dict) -> str:
               "workload itself -- a long request admitted late keeps continuous batching running with few rows at "
               "the end; the log-normal mix is the headline, the bimodal one is the previous workload; (3) the random "
               "'looping' target repeats itself under greedy decoding, the easy case for drafts, the 'varied' one "
-              "doesn't, the hard case; (4) INT8 stores one fp16 scale per token and head, so at head_dim 64 it is "
+              "doesn't, the hard case; draft lengths adapt to each request's acceptance (SpeculativeConfig."
+              "adaptive, the default: drafting pauses while drafts are rejected), the 'fixed' rows always draft 4; (4) INT8 stores one fp16 scale per token and head, so at head_dim 64 it is "
               "66/128 of bf16's bytes (-48.4 %); exactly -50 % would need scale-free int8, impossible with "
               "per-token per-head scales; (5) low_latency.yaml keeps full-precision KV and large prefill chunks "
               "(smaller chunks measured worse on CPU), so it is the default's settings written out and mainly "

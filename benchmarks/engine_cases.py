@@ -224,8 +224,12 @@ def speculative_on(model: R1Model, new_tokens: int, repeats: int) -> dict:
     rng = random.Random(5)
     prompts = [[rng.randrange(2048) for _ in range(24)] for _ in range(repeats)]
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    draft = truncated_draft(model, 1)
     setups = {"plain": (None, None), "prompt_lookup": (SpeculativeConfig("ngram", 4), None),
-              "draft_first_layer": (SpeculativeConfig("draft", 4), truncated_draft(model, 1))}
+              "draft_first_layer": (SpeculativeConfig("draft", 4), draft),
+              # the same with every request drafting 4 tokens whatever its acceptance (SpeculativeConfig.adaptive)
+              "prompt_lookup_fixed": (SpeculativeConfig("ngram", 4, adaptive=False), None),
+              "draft_first_layer_fixed": (SpeculativeConfig("draft", 4, adaptive=False), draft)}
     res, baseline = {}, None
     for name, (spec, draft) in setups.items():
         engine = Engine(model, config=EngineConfig(max_batch=1, speculative=spec), draft=draft)
@@ -236,7 +240,7 @@ def speculative_on(model: R1Model, new_tokens: int, repeats: int) -> dict:
             baseline = outs
         res[name] = {"tok_s": new_tokens * len(prompts) / wall, "identical_to_greedy": outs == baseline,
                      "acceptance_rate": engine.stats["accepted"] / max(1, engine.stats["drafted"])}
-    for name in ("prompt_lookup", "draft_first_layer"):
+    for name in list(setups)[1:]:
         res[name]["speedup"] = res[name]["tok_s"] / res["plain"]["tok_s"]
     return res
 

@@ -9,6 +9,8 @@ Two workloads from the demo data:
              drafting has almost nothing to speed up (reported for the record);
   text       continuation of the demo's text records (the descriptive sentences the models were also trained on):
              the first three words as a raw prompt (`<bos>` + words, no chat turn), up to 24 new tokens.
+`draft_fixed` is the draft with a fixed draft length (SpeculativeConfig(adaptive=False)); the other rows adapt
+each request's draft length to its acceptance (the default).
 Greedy outputs must be identical to plain decoding (asserted); times are medians of --repeats interleaved runs
 after one warm-up run, one torch thread.
 """
@@ -41,7 +43,9 @@ def workloads(data: Path, tokenizer, n: int) -> dict[str, tuple[list, SamplingPa
 
 def run_setups(target, tokenizer, draft, requests, params, k: int, repeats: int) -> dict:
     setups = {"plain": (None, None), "draft": (SpeculativeConfig("draft", k), draft),
-              "prompt_lookup": (SpeculativeConfig("ngram", k), None)}
+              "prompt_lookup": (SpeculativeConfig("ngram", k), None),
+              # every step drafts k tokens whatever the acceptance (the adaptive length is the default)
+              "draft_fixed": (SpeculativeConfig("draft", k, adaptive=False), draft)}
     engines = {name: Engine(target, tokenizer, EngineConfig(max_batch=1, speculative=spec), draft=d)
                for name, (spec, d) in setups.items()}
     outputs, times = {}, {name: [] for name in engines}
@@ -73,10 +77,10 @@ def markdown(r: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name in ("text", "questions"):
         w = r[name]
-        for method in ("plain", "draft", "prompt_lookup"):
+        for method in ("plain", "draft", "prompt_lookup", "draft_fixed"):
             m = w[method]
             acc = "" if m["acceptance_rate"] is None else f"{m['acceptance_rate']:.0%}"
-            target = "" if method == "plain" or name == "questions" else \
+            target = "" if method in ("plain", "draft_fixed") or name == "questions" else \
                 (">= 1.5x met" if m["speedup"] >= 1.5 else ">= 1.5x **missed**")
             lines.append(f"| {name} | {w['requests']} / {w['output_tokens']} | {method} | {m['tok_s']:.0f} | {acc} | "
                          f"{m['speedup']:.2f}x | {target} |")

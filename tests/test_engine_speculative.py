@@ -8,7 +8,7 @@ import torch
 
 from mmr1.backbone import R1Model
 from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig
-from mmr1.engine.speculative import ngram_propose, truncated_draft, verify
+from mmr1.engine.speculative import DraftLength, ngram_propose, truncated_draft, verify
 from test_engine import SMALL, multimodal_model, multimodal_reference, raw_inputs, reference
 from test_generation import PROMPTS, modality_tokens, tiny_model
 
@@ -89,6 +89,56 @@ def test_multimodal_draft_with_its_own_encoders():
     assert [o.token_ids for o in outs] == refs
     assert eng.stats["accepted"] > 0
     eng.close()
+
+
+def test_draft_length_follows_acceptance_and_backs_off():
+    length = DraftLength(4)
+    assert length.next_length() == 4
+    length.record(4, 1)  # partly rejected: one shorter
+    assert length.next_length() == 3
+    length.record(3, 3)  # all accepted: one longer, never beyond the configured 4
+    length.record(4, 4)
+    assert length.next_length() == 4
+    length.record(4, 0)  # wholly rejected: halved
+    assert length.next_length() == 2
+    length.record(2, 0)
+    assert length.next_length() == 1
+    pauses = []
+    for _ in range(6):  # one-token drafts keep failing: pauses of 4, 8, 16, 32, 64, 64 steps, each then a probe
+        length.record(1, 0)
+        skipped = 0
+        while length.next_length() == 0:
+            skipped += 1
+        pauses.append(skipped)
+    assert pauses == [4, 8, 16, 32, 64, 64]
+    length.record(1, 1)  # an accepted probe ends the back-off
+    assert length.next_length() == 2
+    length.record(2, 0)
+    length.record(1, 0)
+    assert [length.next_length() for _ in range(5)] == [0, 0, 0, 0, 1]
+    length.record(0, 0)  # nothing drafted (no n-gram match): no change
+    assert length.next_length() == 1
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_adaptive_length_stops_paying_for_a_draft_that_is_always_wrong(max_batch):
+    """A draft with other weights is almost never right: with a fixed length every step drafts 3 tokens, with the
+    adaptive one drafting soon pauses; outputs equal plain greedy either way and no KV block leaks."""
+    model = tiny_model(cross_attn_layers=())
+    draft = truncated_draft(tiny_model(cross_attn_layers=(), seed=7), 1)
+    params = SamplingParams(max_new_tokens=30)
+    prompts = [[5, 9, 2, 7], [11, 3, 3], [8, 1, 6, 2, 4]]
+    refs = [reference(model, p, 30) for p in prompts]
+    drafted = {}
+    for adaptive in (False, True):
+        spec = SpeculativeConfig("draft", 3, adaptive=adaptive)
+        eng = Engine(model, config=EngineConfig(**{**SMALL, "max_batch": max_batch}, speculative=spec), draft=draft)
+        assert [o.token_ids for o in eng.generate(prompts, params)] == refs
+        eng.check_no_leaks()
+        assert eng.stats["accepted"] <= eng.stats["drafted"] // 4
+        drafted[adaptive] = eng.stats["drafted"]
+    assert drafted[False] >= 3 * 25 * len(prompts)  # nearly every step drafted its 3 tokens
+    assert drafted[True] <= 12 * len(prompts)  # 3 + 2 + 1 before the first pause, then a probe per pause
 
 
 def empirical(samples: list[int], vocab: int) -> torch.Tensor:

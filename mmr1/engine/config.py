@@ -70,6 +70,11 @@ class SpeculativeConfig:
     num_draft_tokens: int = 4
     ngram_max: int = 3  # prompt lookup: longest suffix n-gram searched for in the request's own tokens
     ngram_min: int = 1
+    # Each request's draft length follows its acceptance (mmr1.engine.speculative.DraftLength): it grows back to
+    # num_draft_tokens while every draft is accepted, shrinks after rejections, and drafting pauses (for 4, 8, ...
+    # up to 64 steps) while even one-token drafts are rejected -- drafts nobody accepts cost a forward each.
+    # False: always num_draft_tokens (room permitting).
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in ("ngram", "draft"):

@@ -36,7 +36,7 @@ from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forw
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
-from mmr1.engine.speculative import DraftModel, ngram_propose, verify
+from mmr1.engine.speculative import DraftLength, DraftModel, ngram_propose, verify
 from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
 
@@ -406,7 +406,12 @@ class Engine:
         for r in decoding:
             seq = r.seq
             room = min(seq.params.max_new_tokens - len(seq.output) - 1, max_len - len(seq.tokens) - 1)
-            ks.append(max(0, min(spec.num_draft_tokens, room)))
+            longest = spec.num_draft_tokens
+            if spec.adaptive:
+                if seq.draft_length is None:
+                    seq.draft_length = DraftLength(spec.num_draft_tokens)
+                longest = seq.draft_length.next_length()
+            ks.append(max(0, min(longest, room)))
         if spec.method == "ngram":
             proposals = [ngram_propose(r.seq.tokens, k, spec.ngram_max, spec.ngram_min) if k else []
                          for r, k in zip(decoding, ks)]
@@ -445,6 +450,8 @@ class Engine:
                                    context, seq.generator, row.draft_probs, len(seq.prompt), ends)
             self.stats["drafted"] += len(row.drafts)
             self.stats["accepted"] += accepted
+            if seq.draft_length is not None:
+                seq.draft_length.record(len(row.drafts), accepted)
             seq.num_cached += accepted  # the accepted drafts' K/V are already in the cache
             if self.draft is not None:
                 self.draft.rollback(seq, len(context) + min(accepted, len(row.drafts) - 1))

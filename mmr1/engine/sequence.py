@@ -65,6 +65,7 @@ class Sequence:
     cache_key: bytes | None = None
     block_hashes: list[bytes] = field(default_factory=list)
     draft_cached: int = 0
+    draft_length: Any = None  # mmr1.engine.speculative.DraftLength under SpeculativeConfig.adaptive
     # Modality memory: fused tokens (1, T, dim) until admission, then per-layer cross-attention K/V.
     futures: dict[str, Future] | None = None
     draft_futures: dict[str, Future] | None = None

@@ -34,6 +34,48 @@ def ngram_propose(tokens: list[int], k: int, ngram_max: int = 3, ngram_min: int 
     return []
 
 
+@dataclasses.dataclass
+class DraftLength:
+    """One request's draft length when it adapts to acceptance (SpeculativeConfig.adaptive).
+
+    A round whose drafts were all accepted lengthens the next by one (up to `longest`); a partly rejected round
+    shortens it by one, a wholly rejected one halves it; when even a one-token draft is rejected, drafting pauses
+    for `pause` steps -- 4 at first, doubled while the probe after each pause is rejected too, at most
+    MAX_PAUSE -- and any accepted draft ends the back-off. Only past rounds decide a length, never the draft
+    being verified, so rejection sampling still yields the target distribution."""
+
+    longest: int
+    current: int = 0
+    rest: int = 0  # steps left in the pause
+    pause: int = 0  # length of the last pause (0: none since the last accepted draft)
+
+    FIRST_PAUSE = 4
+    MAX_PAUSE = 64
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.longest
+
+    def next_length(self) -> int:
+        """Tokens to draft this step (0 while pausing); call once per decoding step."""
+        if self.rest:
+            self.rest -= 1
+            return 0
+        return self.current
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.current, self.pause = min(self.longest, self.current + 1), 0
+        elif accepted:
+            self.current, self.pause = max(1, self.current - 1), 0
+        elif drafted > 1:
+            self.current = max(1, drafted // 2)
+        else:
+            self.pause = min(self.MAX_PAUSE, 2 * self.pause if self.pause else self.FIRST_PAUSE)
+            self.rest, self.current = self.pause, 1
+
+
 def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seen: list[int],
            generator: torch.Generator, draft_probs: list[torch.Tensor] | None = None, num_prompt: int = 0,
            end_ids: tuple[int, ...] = ()) -> tuple[list[int], int]:
