@@ -1,6 +1,8 @@
 """The engine's MoE for a few tokens (mmr1/engine/solo.py `_moe_few`: route together, one matmul chain per chosen
-expert) vs MoEFeedForward's own forward (router statistics, sort, grouped GEMMs), at the sizes a speculative
-verification or a short prompt chunk has. Sets `FEW_EXPERT_CALLS`, the budget up to which the fast path uses it.
+expert) and `_moe_every_expert` (every expert on every token in three batched matmuls, for tiny experts) vs
+MoEFeedForward's own forward (router statistics, sort, grouped GEMMs), at the sizes a speculative verification or a
+short prompt chunk has. Sets `FEW_EXPERT_CALLS`, the budget up to which the fast path uses `_moe_few`, and
+`EVERY_EXPERT_WEIGHTS` / `EVERY_EXPERT_WORK`, up to which it runs every expert instead.
 
     python -m benchmarks.moe_few_tokens --out benchmarks/results/moe_few_tokens     # ~1 min on 2 cores
 """
@@ -18,7 +20,8 @@ import torch
 
 from benchmarks.report import publish
 from mmr1.config import MoEConfig
-from mmr1.engine.solo import FEW_EXPERT_CALLS, _moe_few
+from mmr1.engine.solo import (EVERY_EXPERT_WEIGHTS, FEW_EXPERT_CALLS, _moe_every_expert, _moe_few, every_expert_path,
+                              few_tokens_path)
 from mmr1.moe import MoEFeedForward
 
 LAYERS = {  # name: (hidden, config)
@@ -51,8 +54,15 @@ def measure(tokens: list[int], calls: int) -> list[dict]:
             torch.testing.assert_close(_moe_few(layer, h), layer(h[None])[0][0], atol=1e-5, rtol=1e-4)
             layer_us = median_us(lambda: layer(h[None]), calls)
             few_us = median_us(lambda: _moe_few(layer, h), calls)
+            every_us = None
+            if layer.experts.w_gate.numel() <= EVERY_EXPERT_WEIGHTS:  # the seed's experts are far too big for it
+                torch.testing.assert_close(_moe_every_expert(layer, h), layer(h[None])[0][0], atol=1e-5, rtol=1e-4)
+                every_us = median_us(lambda: _moe_every_expert(layer, h), calls)
             rows.append({"layer": name, "tokens": L, "expert_calls_max": min(L * cfg.top_k, cfg.num_experts),
-                         "module_us": layer_us, "few_us": few_us, "speedup": layer_us / few_us})
+                         "module_us": layer_us, "few_us": few_us, "speedup": layer_us / few_us,
+                         "every_expert_us": every_us,
+                         "fast_path": "every expert" if every_expert_path(layer, L) else
+                         "_moe_few" if few_tokens_path(layer, L) else "MoEFeedForward"})
     return rows
 
 
@@ -60,11 +70,12 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [f"`{r['command']}` on {m['cores']} CPU cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} "
              f"thread), fp32, eager; median of 5 rounds; FEW_EXPERT_CALLS = {r['few_expert_calls']}.", "",
-             "| layer | tokens | expert calls (max) | MoEFeedForward us | _moe_few us | speed-up |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| layer | tokens | expert calls (max) | MoEFeedForward us | _moe_few us | speed-up | every expert us "
+             "| fast path takes |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in r["rows"]:
+        every = "" if row["every_expert_us"] is None else f"{row['every_expert_us']:.0f}"
         lines.append(f"| {row['layer']} | {row['tokens']} | {row['expert_calls_max']} | {row['module_us']:.0f} | "
-                     f"{row['few_us']:.0f} | {row['speedup']:.2f}x |")
+                     f"{row['few_us']:.0f} | {row['speedup']:.2f}x | {every} | {row['fast_path']} |")
     return "\n".join(lines)
 
 
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
               "few_expert_calls": FEW_EXPERT_CALLS,
-              "rows": measure([2, 3, 5, 8], 5 if args.quick else 100)}
+              "rows": measure([2, 3, 5, 8, 16, 32], 5 if args.quick else 100)}
     publish(result, markdown(result), args.out)
     return result
 

@@ -65,7 +65,7 @@ def test_few_token_moe_equals_the_layer(variant):
     """The fast path's MoE for a few tokens (a verification, a short chunk: route together, each chosen expert once
     on its tokens) == MoEFeedForward's own forward, for L = 1..8; which L take it follows the expert-call budget."""
     from mmr1.config import MoEConfig
-    from mmr1.engine.solo import _moe_few, few_tokens_path
+    from mmr1.engine.solo import _moe_every_expert, _moe_few, every_expert_path, few_tokens_path
     from mmr1.moe import MoEFeedForward
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, num_groups=4, topk_groups=2, top_k=2, expert_hidden=16, **variant)
@@ -78,14 +78,21 @@ def test_few_token_moe_equals_the_layer(variant):
     for L in range(1, 9):
         h = torch.randn(L, 32)
         with torch.no_grad():
-            torch.testing.assert_close(_moe_few(layer, h), layer(h[None])[0][0], atol=1e-6, rtol=1e-5)
-    assert few_tokens_path(layer, 8)  # 8 experts: never more than 8 expert calls
+            reference = layer(h[None])[0][0]
+            torch.testing.assert_close(_moe_few(layer, h), reference, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(_moe_every_expert(layer, h), reference, atol=1e-6, rtol=1e-5)
+    most = 10 // cfg.slots_per_token  # at most 10 token-expert pairs
+    assert few_tokens_path(layer, most) and not few_tokens_path(layer, most + 1)
+    assert every_expert_path(layer, 8) and not every_expert_path(layer, 1 << 20)  # tiny experts, up to a budget
     big = MoEFeedForward(32, MoEConfig(num_experts=128, num_groups=16, topk_groups=4, top_k=2, expert_hidden=16))
     assert few_tokens_path(big, 5) and not few_tokens_path(big, 6)  # 10 calls at most, then the grouped layer
+    wide = MoEFeedForward(512, MoEConfig(num_experts=128, num_groups=16, topk_groups=4, top_k=2, expert_hidden=256))
+    assert not every_expert_path(wide, 2)  # the seed's experts: never every expert
 
 
 def test_few_token_benchmark_quick_run(tmp_path):
     from benchmarks.moe_few_tokens import main
     result = main(["--quick", "--out", str(tmp_path / "few")])  # asserts parity with the module before timing
-    assert len(result["rows"]) == 8 and all(r["few_us"] > 0 for r in result["rows"])
+    assert len(result["rows"]) == 12 and all(r["few_us"] > 0 for r in result["rows"])
+    assert all((r["every_expert_us"] or 0) > 0 for r in result["rows"] if r["layer"].startswith("demo"))
     assert (tmp_path / "few.json").is_file() and "speed-up" in (tmp_path / "few.md").read_text()

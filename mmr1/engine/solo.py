@@ -133,15 +133,16 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, traced: bool = False) -> torc
 
 
 # _moe_few runs one small matmul chain per chosen expert, the layer a fixed cost plus grouped GEMMs; on this CPU
-# (benchmarks/results/moe_few_tokens.md, fp32) the chains win up to about 10 expert calls per layer.
+# (benchmarks/results/moe_few_tokens.md, fp32) the chains win up to about 10 token-expert pairs per layer (counted
+# before merging a token pair's shared expert calls: with few experts, a call carrying more tokens still costs more).
 FEW_EXPERT_CALLS = 10
 
 
 def few_tokens_path(ffn: MoEFeedForward, num_tokens: int) -> bool:
-    """Whether num_tokens (> 1) tokens take _moe_few: at most FEW_EXPERT_CALLS expert calls, dropless routing
+    """Whether num_tokens (> 1) tokens take _moe_few: at most FEW_EXPERT_CALLS token-expert pairs, dropless routing
     (capacity drops depend on the whole batch, so they keep the module's own rule)."""
     cfg = ffn.router.cfg
-    return cfg.capacity_factor is None and min(num_tokens * cfg.slots_per_token, cfg.num_experts) <= FEW_EXPERT_CALLS
+    return cfg.capacity_factor is None and num_tokens * cfg.slots_per_token <= FEW_EXPERT_CALLS
 
 
 def _moe_few(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
@@ -163,6 +164,35 @@ def _moe_few(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
         y = (F.silu(hr @ w.w_gate[e]) * (hr @ w.w_up[e])) @ w.w_down[e]  # (n, D)
         out.index_add_(0, rows, y * weights[rows, torch.tensor(slots, device=h.device)][:, None].to(h.dtype))
     return out + _shared(ffn, h)
+
+
+# With tiny experts, running EVERY expert on the few tokens as three batched matmuls beats one small chain per
+# chosen expert: the extra multiply-adds cost less than the per-expert calls (benchmarks/results/moe_few_tokens.md:
+# the demo's 8 x (128 x 64) experts). Bounded by the size of one of the three stacked weights, E * D * H, and by
+# that times the tokens (the work; E / k times the routed work).
+EVERY_EXPERT_WEIGHTS = 1 << 17
+EVERY_EXPERT_WORK = 1 << 20
+
+
+def every_expert_path(ffn: MoEFeedForward, num_tokens: int) -> bool:
+    """Whether num_tokens (> 1) tokens go through every expert at once (_moe_every_expert): small experts, few
+    tokens, dropless routing."""
+    size = ffn.experts.w_gate.numel()
+    return (ffn.router.cfg.capacity_factor is None and size <= EVERY_EXPERT_WEIGHTS
+            and num_tokens * size <= EVERY_EXPERT_WORK)
+
+
+def _moe_every_expert(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
+    """A few tokens h (L, D) through every expert in three batched matmuls, mixed by the routing weights (zero for
+    the experts a token did not choose) -> (L, D)."""
+    weights, indices = _route_one(ffn.router, h)  # (L, k)
+    w = ffn.experts
+    E, L = w.w_gate.shape[0], h.shape[0]
+    xe = h.expand(E, L, h.shape[1])  # (E, L, D)
+    y = torch.bmm(F.silu(torch.bmm(xe, w.w_gate)) * torch.bmm(xe, w.w_up), w.w_down)  # (E, L, D)
+    # (L, E) routing weights; a dropped slot (-1, dynamic threshold) lands in a spare column E that is cut off
+    mix = weights.new_zeros(L, E + 1).scatter_add_(1, indices.where(indices >= 0, E), weights)[:, :E]
+    return torch.einsum("le,eld->ld", mix.to(h.dtype), y) + _shared(ffn, h)
 
 
 def _shared(ffn: MoEFeedForward, h: torch.Tensor) -> torch.Tensor | float:
@@ -205,6 +235,8 @@ def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tenso
             x = x + block.ffn(h)
         elif L == 1:
             x = x + _moe_one(block.ffn, h, traced=traced)
+        elif every_expert_path(block.ffn, L):
+            x = x + _moe_every_expert(block.ffn, h)
         elif few_tokens_path(block.ffn, L):
             x = x + _moe_few(block.ffn, h)
         else:
