@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_cases import mixed_workload, run_offline, serving_model, weight_bound_model
-from benchmarks.report import publish
+from benchmarks.report import machine_info, publish
 from mmr1.engine import Engine, EngineConfig, SamplingParams, packed
 
 RULES = ("one call", "cost model")
@@ -118,11 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"fp32 13 MB": serving_model}
     if not args.quick:
         models["bf16 137 MB, weight-bound"] = weight_bound_model
-    start = time.perf_counter()
+    machine, start = machine_info(), time.perf_counter()  # the load before this run adds its own
     rows = [compare(name, build(), workload, 16, rounds) for name, build in models.items()]
     result = {"command": "python -m benchmarks.attention_groups " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cores": os.cpu_count(), "cpu": platform.machine(), "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]},
+              "machine": machine,
               "max_batch": 16, "rounds": rounds, "rows": rows, "total_seconds": time.perf_counter() - start}
     publish(result, markdown(result), args.out)
     return result

@@ -12,8 +12,6 @@ why.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_cases import mixed_workload, serving_model, weight_bound_model
-from benchmarks.report import publish
+from benchmarks.report import machine_info, publish
 from mmr1.engine import Engine, EngineConfig, SamplingParams, prepack
 
 VARIANTS = ("plain", "packed")
@@ -94,14 +92,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rounds = 1 if args.quick else args.rounds
-    start, rows, built = time.perf_counter(), [], {}
+    machine, start, rows, built = machine_info(), time.perf_counter(), [], {}  # load before this run adds its own
     for name, workload, build, requests, max_batch in cases(args.quick):
         model = built.setdefault(name, build())
         rows.append({"model": name, "workload": workload, "max_batch": max_batch,
                      **compare(model, requests, max_batch, rounds)})
     result = {"command": "python -m benchmarks.prepack " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cores": os.cpu_count(), "cpu": platform.machine(), "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0]},
+              "machine": machine,
               "rounds": rounds, "rows": rows, "total_seconds": time.perf_counter() - start}
     publish(result, markdown(result), args.out)
     return result
