@@ -158,17 +158,25 @@ def run_offline(engine: Engine, workload) -> dict:
 
 # ---- 2. continuous vs static ---------------------------------------------------------------------------------
 def continuous_vs_static(n_requests: int, max_batch: int, shape: str = "lognormal", weight_bound: bool = False,
-                         device: str = "cpu") -> dict:
+                         device: str = "cpu", rounds: int = 1) -> dict:
     """The fp32 serving model (compute-bound steps on CPU) with the padded static baseline too, or the bf16
-    weight_bound_model (engine static mode only: padded static adds a minute and says the same)."""
+    weight_bound_model (engine static mode only: padded static adds a minute and says the same).
+
+    `rounds` > 1 runs continuous and static alternately that many times: the ratio is the median of the rounds'
+    ratios (each side's figures are from its median round), so one noisy run does not decide a close call."""
     model = (weight_bound_model() if weight_bound else serving_model()).to(device)
     work = mixed_workload(n_requests, shape=shape)
     res = {"workload": shape, "model": "bf16 137 MB, weight-bound" if weight_bound else "fp32 13 MB",
            **workload_stats(work), "ideal_steps": ideal_steps([n for _, n in work], max_batch)}
-    for mode in ("continuous", "static"):
-        engine = Engine(model, config=EngineConfig(max_batch=max_batch, scheduling=mode))
-        res[mode] = run_offline(engine, work)
-    res["throughput_ratio"] = res["continuous"]["tok_s"] / res["static"]["tok_s"]
+    runs = {"continuous": [], "static": []}
+    for _ in range(rounds):
+        for mode in runs:
+            runs[mode].append(run_offline(Engine(model, config=EngineConfig(max_batch=max_batch, scheduling=mode)),
+                                          work))
+    for mode, done in runs.items():
+        res[mode] = sorted(done, key=lambda r: r["tok_s"])[len(done) // 2]
+    res["round_ratios"] = [c["tok_s"] / s["tok_s"] for c, s in zip(runs["continuous"], runs["static"])]
+    res["throughput_ratio"] = statistics.median(res["round_ratios"])
     # The same continuous run with padded groups instead of packed steps: what packing is worth here.
     res["continuous_padded_groups"] = run_offline(
         Engine(model, config=EngineConfig(max_batch=max_batch, packed_steps=False)), work)

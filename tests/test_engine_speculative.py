@@ -141,6 +141,37 @@ def test_adaptive_length_stops_paying_for_a_draft_that_is_always_wrong(max_batch
     assert drafted[True] <= 12 * len(prompts)  # 3 + 2 + 1 before the first pause, then a probe per pause
 
 
+def greedy_verify_reference(logits, drafts, params, seen, num_prompt, end_ids):
+    """Greedy verification spelled out: accept while the draft is sample_row's choice at its position."""
+    from mmr1.engine.sampling import sample_row
+    out = []
+    for j, d in enumerate(drafts):
+        best = sample_row(logits[j], params, seen + out, torch.Generator(), num_prompt, end_ids)
+        if best != d:
+            return out + [best], j
+        out.append(d)
+    return out + [sample_row(logits[len(drafts)], params, seen + out, torch.Generator(), num_prompt, end_ids)], \
+        len(drafts)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(repetition_penalty=1.5),
+                                    SamplingParams(min_tokens=6)], ids=["plain", "penalty", "min_tokens"])
+def test_greedy_verification_accepts_exactly_the_argmax_prefix(params):
+    """verify() under greedy (one batched argmax when no penalty or min_tokens applies) commits the drafts up to
+    the first one that is not the target's choice, plus the target's token there: per position as sample_row."""
+    g = torch.Generator().manual_seed(0)
+    seen, num_prompt, ends = [5, 1, 2, 7], 2, (0,)
+    for trial in range(200):
+        logits = torch.randn(5, 8, generator=g)
+        best = logits.argmax(-1).tolist()
+        agree = trial % 5  # drafts equal the raw argmax for the first `agree` positions, then differ
+        drafts = [best[j] if j < agree else (best[j] + 1) % 8 for j in range(4)]
+        got = verify(logits, drafts, params, seen, g, None, num_prompt, ends)
+        assert got == greedy_verify_reference(logits, drafts, params, seen, num_prompt, ends)
+        if params == SamplingParams():
+            assert got == (drafts[:agree] + [best[agree]], agree)
+
+
 def empirical(samples: list[int], vocab: int) -> torch.Tensor:
     return torch.bincount(torch.tensor(samples), minlength=vocab).float() / len(samples)
 

@@ -19,7 +19,7 @@ from mmr1.engine.config import SamplingParams
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.packed import packable
 from mmr1.engine.runner import forward_packed, forward_paged
-from mmr1.engine.sampling import processed_probs, sample_row
+from mmr1.engine.sampling import plain_greedy, processed_probs, sample_row
 from mmr1.engine.sequence import Sequence
 from mmr1.engine.solo import SoloCache, solo_eligible, solo_forward
 
@@ -83,6 +83,10 @@ def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seen
     `seen` the committed tokens (the first num_prompt are the prompt: penalties and min_tokens as sample_row).
 
     Returns (tokens to commit: the accepted drafts + one target token, number of drafts accepted)."""
+    if plain_greedy(params, len(seen) - num_prompt):  # every position is a plain argmax: one kernel, one copy
+        best = logits.argmax(dim=-1).tolist()
+        j = next((j for j, d in enumerate(drafts) if best[j] != d), len(drafts))
+        return drafts[:j] + [best[j]], j
     out: list[int] = []
     for j, d in enumerate(drafts):
         context = seen + out
@@ -123,12 +127,14 @@ class DraftModel:
         # Rows catch up different numbers of tokens (a new request: its whole prompt): pack them when possible.
         self._packed = packable(model)
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
-        """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q."""
+    def propose(self, seqs: list[Sequence], ks: list[int]
+                ) -> tuple[list[list[int]], list[list[torch.Tensor | None]]]:
+        """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q (None
+        for a plain greedy request, whose verification compares tokens only)."""
         live = [i for i, (s, k) in enumerate(zip(seqs, ks))
                 if k > 0 and self.allocator.grow(s.id, s.draft_blocks, len(s.tokens) + k - 1, self.block_size)]
         drafts: list[list[int]] = [[] for _ in seqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
         feeds = {i: seqs[i].tokens[seqs[i].draft_cached:] for i in live}
         solo = self._solo_for(seqs[live[0]]) if len(live) == 1 and self._solo_ok else None
         for step in range(max((ks[i] for i in live), default=0)):
@@ -148,9 +154,13 @@ class DraftModel:
                 seq = seqs[i]
                 seq.draft_cached += len(feeds[i])
                 last = lasts[r]
-                # q may be any distribution the draft samples from; penalties as the target's make it closer
-                q = processed_probs(last, seq.params, seq.tokens + drafts[i], len(seq.prompt))
-                token = int(q.argmax()) if seq.params.greedy else int(torch.multinomial(q, 1, generator=seq.generator))
+                if plain_greedy(seq.params, len(seq.output) + len(drafts[i])):
+                    token, q = int(last.argmax()), None  # greedy verification never reads q
+                else:
+                    # q may be any distribution the draft samples from; penalties as the target's make it closer
+                    q = processed_probs(last, seq.params, seq.tokens + drafts[i], len(seq.prompt))
+                    token = int(q.argmax()) if seq.params.greedy else int(torch.multinomial(q, 1,
+                                                                                            generator=seq.generator))
                 drafts[i].append(token)
                 probs[i].append(q)
                 feeds[i] = [token]
