@@ -1,6 +1,7 @@
 """LightningModule for mmr1: next-token loss on answer tokens + the MoE balancing losses (load-balancing, and
 optionally sequence-wise and router z-loss, each weighted by its MoEConfig coef); after every optimizer step the
-aux-loss-free routers' selection bias moves towards balance by the expert load the step observed.
+aux-loss-free routers' selection bias moves towards balance by the expert load the step observed. With
+`distill`, the language-model loss also pulls towards a trained teacher's distributions (mmr1.distill).
 
 AdamW with linear warmup then cosine decay, gradient clipping from the Trainer, and logs of loss, aux loss,
 teacher-forced answer accuracy (per question type on validation) and tokens/s.
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmr1.config import R1Config, config_to_dict
+from mmr1.distill import DistillConfig, distillation_loss, load_teacher
 from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
 from mmr1.moe import MoEAux, MoEFeedForward
 from mmr1.lora import LoRAConfig, apply_lora, parameter_counts
@@ -54,7 +56,8 @@ class MMR1LightningModule(L.LightningModule):
                  weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, min_lr_ratio: float = 0.1,
                  parallel: Optional[ParallelConfig] = None, lora: Optional[LoRAConfig] = None,
-                 trainable: Optional[list[str]] = None, fused_adamw: Optional[bool] = None):
+                 trainable: Optional[list[str]] = None, fused_adamw: Optional[bool] = None,
+                 distill: Optional[DistillConfig] = None):
         """
         Args:
             tokenizer: a tokenizer.json (or a directory holding one); modality markers for the configured
@@ -76,6 +79,8 @@ class MMR1LightningModule(L.LightningModule):
                 whose gradients need no unscaling, so clipping before the fused step is right (the module clips
                 itself there: Lightning's plugin refuses for any fused optimizer) -- but not under fp16-mixed (its
                 grad scaler) or FSDP, nor for sharded parameters; False: never.
+            distill: also learn a trained model's next-token distributions (mmr1.distill): e.g. a speculative
+                draft distilled from its target agrees with it more often.
         """
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
@@ -109,7 +114,15 @@ class MMR1LightningModule(L.LightningModule):
                                    "parallel": config_to_dict(self.parallel_config),
                                    "lora": config_to_dict(lora) if lora is not None else None,
                                    "trainable": list(trainable) if trainable is not None else None,
-                                   "fused_adamw": fused_adamw})
+                                   "fused_adamw": fused_adamw,
+                                   "distill": config_to_dict(distill) if distill is not None else None})
+        if distill is not None and self.parallel_config.tensor_parallel_size > 1:
+            raise ValueError("model.distill: not supported with tensor parallel (parallel.tensor_parallel_size > 1): "
+                             "the teacher's logits are whole, the student's are split over ranks")
+        self.distill = distill
+        # The teacher is loaded when fitting starts (setup) and kept outside the module tree: never optimized,
+        # moved by Lightning, or saved with the student.
+        object.__setattr__(self, "_teacher", None)
         moe = backbone.moe
         self.aux_loss_coef = moe.aux_loss_coef if moe else 0.0
         self.seq_aux_loss_coef = moe.seq_aux_loss_coef if moe else 0.0
@@ -130,7 +143,13 @@ class MMR1LightningModule(L.LightningModule):
     def processors(self):
         return self.model.processors()
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.distill is not None and self._teacher is None:
+            object.__setattr__(self, "_teacher", load_teacher(self.distill, self.model, self.tokenizer))
+
     def on_fit_start(self) -> None:
+        if self._teacher is not None:
+            self._teacher.to(self.device)
         counts = parameter_counts(self.model)
         rank_zero_info(f"mmr1: {counts['trainable']:,} of {counts['total']:,} parameters train "
                        f"({100 * counts['trainable'] / max(1, counts['total']):.2f} %)")
@@ -200,8 +219,15 @@ class MMR1LightningModule(L.LightningModule):
             loss = loss + self.seq_aux_loss_coef * seq_aux_loss
         if self.z_loss_coef:
             loss = loss + self.z_loss_coef * z_loss
+        distill_loss = None
+        if train and self._teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self._teacher(batch["input_ids"], batch["attention_mask"],
+                                               batch.get("modalities")).logits
+            distill_loss = distillation_loss(out.logits, teacher_logits, targets, self.distill.temperature)
+            loss = loss + self.distill.weight * (distill_loss - lm_loss)  # (1 - w) * lm + w * distill
         return {"lm_loss": lm_loss_value, "aux_loss": out.aux_loss, "seq_aux_loss": seq_aux_loss, "z_loss": z_loss,
-                "loss": loss, "correct": answer_exact_match(out.logits, targets),
+                "distill_loss": distill_loss, "loss": loss, "correct": answer_exact_match(out.logits, targets),
                 "moe_aux": out.moe_aux}
 
     def _lm_loss(self, logits: torch.Tensor, targets: torch.Tensor, global_tokens: bool
@@ -236,6 +262,8 @@ class MMR1LightningModule(L.LightningModule):
             self.log("train/z_loss", out["z_loss"], batch_size=bs)
             self._accumulate_expert_load([aux.tokens_per_expert for aux in out["moe_aux"]])
         self.log("train/answer_acc", out["correct"].float().mean(), prog_bar=True, batch_size=bs)
+        if out["distill_loss"] is not None:
+            self.log("train/distill_loss", out["distill_loss"], batch_size=bs)
         # Routing records ride along to callbacks (mmr1.telemetry.ExpertTelemetry reads them).
         return {"loss": out["loss"], MOE_OUTPUTS_KEY: out["moe_aux"]}
 

@@ -1,0 +1,83 @@
+"""Knowledge distillation from a trained mmr1 model: train a (smaller) student on the teacher's next-token
+distributions as well as on the data.
+
+The use this is made for: a speculative-decoding draft is only as good as its agreement with the target. Trained on
+the data alone, a draft learns the data's distribution, and where the data is ambiguous (a count or a colour the
+prompt does not determine) its argmax is a coin flip against the target's. Trained towards the target's own
+distributions, it learns which choice the target makes there (DistillSpec, Zhou et al. 2023: token-level KL to the
+target raises acceptance). The loss per supervised token is
+
+    (1 - weight) * cross_entropy(student, data) + weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+(Hinton et al.'s T^2 keeps the gradient scale independent of the temperature).
+
+    model:
+      distill: {teacher: runs/demo/export, weight: 0.5}    # configs/demo_draft.yaml
+
+The teacher is an exported model directory (`mmr1 export`); it must share the student's tokenizer and read the same
+image/audio inputs (equal processor settings), since both see the same batches. It is loaded when fitting starts,
+frozen, kept out of the student's modules (so it is neither optimized nor saved in checkpoints or exports), and run
+without gradients on every training batch; validation reports the student's own loss and accuracy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmr1.tokenizer import IGNORE_INDEX
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    teacher: str = ""  # an exported mmr1 model directory (config.json, model.safetensors, tokenizer.json)
+    weight: float = 0.5  # share of the distillation term in the language-model loss, in [0, 1]
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"DistillConfig.weight must be in [0, 1], got {self.weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Mean over the supervised tokens (targets != IGNORE_INDEX) of T^2 * KL(p_teacher || p_student) at
+    temperature T. logits (B, L, V), targets (B, L) aligned with them (the next-token targets)."""
+    keep = targets != IGNORE_INDEX  # (B, L)
+    if not keep.any():
+        return student_logits.sum() * 0.0  # no supervised token: a zero that still belongs to the graph
+    student = F.log_softmax(student_logits[keep].float() / temperature, dim=-1)  # (N, V)
+    teacher = F.log_softmax(teacher_logits[keep].float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+def load_teacher(cfg: DistillConfig, student: Any, student_tokenizer: Any) -> torch.nn.Module:
+    """The frozen teacher for `student` (a MultimodalR1), after checking that it can read the student's batches:
+    the same tokenizer vocabulary and, for every modality the student encodes, equal processor settings."""
+    from mmr1.model import MultimodalR1
+
+    try:
+        teacher, tokenizer = MultimodalR1.from_pretrained(Path(cfg.teacher))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"distill.teacher: {err} (export the teacher first: mmr1 export ...)") from None
+    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
+    if vocab != student_tokenizer.tok.get_vocab(with_added_tokens=True):
+        raise ValueError(f"distill.teacher={cfg.teacher}: its tokenizer ({len(vocab)} tokens) differs from the "
+                         f"student's ({student_tokenizer.vocab_size} tokens); a teacher must share the tokenizer")
+    theirs = teacher.processors()
+    for key, processor in student.processors().items():
+        if key not in theirs:
+            raise ValueError(f"distill.teacher={cfg.teacher}: the student encodes '{key}' but the teacher has no "
+                             f"'{key}' encoder (it has {sorted(theirs)})")
+        if type(theirs[key]) is not type(processor) or vars(theirs[key]) != vars(processor):
+            raise ValueError(f"distill.teacher={cfg.teacher}: its '{key}' inputs are prepared differently "
+                             f"({vars(theirs[key])}) from the student's ({vars(processor)}); both read the same "
+                             f"batches, so their processor settings must be equal")
+    teacher.eval().requires_grad_(False)
+    return teacher

@@ -1,0 +1,108 @@
+"""Distillation from a trained model (mmr1.distill): the loss is the temperature-scaled KL on supervised tokens,
+training with it moves a student's next-token distributions to the teacher's (and leaves the teacher out of the
+student's parameters and checkpoints), and a teacher that cannot read the student's batches is refused up front."""
+from __future__ import annotations
+
+import dataclasses
+
+import lightning
+import pytest
+import torch
+
+from mmr1.distill import DistillConfig, distillation_loss, load_teacher
+from mmr1.model import MultimodalR1
+from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
+from mmr1.training import MMR1LightningModule
+from test_model import batch_inputs, tiny_config
+
+
+def test_loss_is_the_scaled_kl_over_supervised_tokens():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    targets[0, :2] = IGNORE_INDEX
+    for T in (1.0, 2.0):
+        kept = targets != IGNORE_INDEX
+        p = (teacher[kept] / T).softmax(-1)
+        expected = (p * (p.log() - (student[kept] / T).log_softmax(-1))).sum(-1).mean() * T * T
+        torch.testing.assert_close(distillation_loss(student, teacher, targets, T), expected)
+    assert distillation_loss(teacher, teacher, targets).abs().item() < 1e-6
+    nothing = torch.full_like(targets, IGNORE_INDEX)
+    assert distillation_loss(student, teacher, nothing).item() == 0.0
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="weight"):
+        DistillConfig("teacher", weight=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillConfig("teacher", temperature=0.0)
+
+
+def _tokenizer(tmp_path, words="what color is the square red green blue") -> R1Tokenizer:
+    tokenizer = R1Tokenizer.train([words, "one two three beeps"], vocab_size=300, modalities=["image", "audio"])
+    tokenizer.save(tmp_path / "tok.json")
+    return tokenizer
+
+
+def _teacher(tmp_path, tokenizer: R1Tokenizer, name: str = "teacher"):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, vocab_size=tokenizer.vocab_size))
+    MultimodalR1(cfg).eval().save_pretrained(tmp_path / name, tokenizer)
+    return tmp_path / name
+
+
+def _student(tmp_path, teacher_dir, weight: float = 1.0, encoders=None) -> MMR1LightningModule:
+    cfg = tiny_config()
+    backbone = dataclasses.replace(cfg.backbone, n_layers=1, cross_attn_layers=[0], moe=None)
+    torch.manual_seed(1)
+    return MMR1LightningModule(str(tmp_path / "tok.json"), backbone=backbone, encoders=encoders or cfg.encoders,
+                               lr=1e-2, warmup_steps=1, distill=DistillConfig(str(teacher_dir), weight=weight))
+
+
+def test_training_moves_the_student_to_the_teacher(tmp_path):
+    tokenizer = _tokenizer(tmp_path)
+    teacher_dir = _teacher(tmp_path, tokenizer)
+    module = _student(tmp_path, teacher_dir)
+    teacher, _ = MultimodalR1.from_pretrained(teacher_dir)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, tokenizer.vocab_size, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "modalities": batch_inputs(teacher)}
+    targets = torch.cat([ids[:, 1:], torch.full((3, 1), IGNORE_INDEX)], dim=1)
+
+    def kl() -> float:
+        with torch.no_grad():
+            student_logits = module.model(ids, mask, batch["modalities"]).logits
+            return distillation_loss(student_logits, teacher(ids, mask, batch["modalities"]).logits, targets).item()
+
+    before = kl()
+    trainer = lightning.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 30, batch_size=None))
+    assert kl() < 0.2 * before
+    # The teacher ran (frozen) beside the student, but is not part of it: not trained, not in its state.
+    assert module._teacher is not None and all(not p.requires_grad and p.grad is None
+                                               for p in module._teacher.parameters())
+    assert set(module.state_dict()) == {f"model.{k}" for k in module.model.state_dict()}
+    assert module.hparams["distill"] == {"teacher": str(teacher_dir), "weight": 1.0, "temperature": 1.0}
+
+
+def test_a_teacher_that_cannot_read_the_batches_is_refused(tmp_path):
+    tokenizer = _tokenizer(tmp_path)
+    teacher_dir = _teacher(tmp_path, tokenizer)
+    student = _student(tmp_path, teacher_dir)
+    (tmp_path / "other").mkdir()
+    other_tokenizer = _tokenizer(tmp_path / "other", words="a completely different corpus of words")
+    stranger = _teacher(tmp_path, other_tokenizer, "stranger")
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_teacher(DistillConfig(str(stranger)), student.model, student.tokenizer)
+    encoders = tiny_config().encoders
+    image = encoders["image"]
+    vision = {**image.kwargs["vision_cfg"], "image_size": 2 * image.kwargs["vision_cfg"]["image_size"]}
+    encoders["image"] = dataclasses.replace(image, kwargs={**image.kwargs, "vision_cfg": vision})
+    bigger_images = _student(tmp_path, teacher_dir, encoders=encoders)
+    with pytest.raises(ValueError, match="'image' inputs are prepared differently"):
+        load_teacher(DistillConfig(str(teacher_dir)), bigger_images.model, bigger_images.tokenizer)
+    with pytest.raises(FileNotFoundError, match="distill.teacher"):
+        load_teacher(DistillConfig(str(tmp_path / "missing")), student.model, student.tokenizer)
