@@ -148,8 +148,8 @@ class MMR1LightningModule(L.LightningModule):
             object.__setattr__(self, "_teacher", load_teacher(self.distill, self.model, self.tokenizer))
 
     def on_fit_start(self) -> None:
-        if self._teacher is not None:
-            self._teacher.to(self.device)
+        if self._teacher is not None:  # on the student's device, in its parameters' dtype (bf16-true: bf16)
+            self._teacher.to(device=self.device, dtype=next(self.model.parameters()).dtype)
         counts = parameter_counts(self.model)
         rank_zero_info(f"mmr1: {counts['trainable']:,} of {counts['total']:,} parameters train "
                        f"({100 * counts['trainable'] / max(1, counts['total']):.2f} %)")

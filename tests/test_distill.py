@@ -106,3 +106,17 @@ def test_a_teacher_that_cannot_read_the_batches_is_refused(tmp_path):
         load_teacher(DistillConfig(str(teacher_dir)), bigger_images.model, bigger_images.tokenizer)
     with pytest.raises(FileNotFoundError, match="distill.teacher"):
         load_teacher(DistillConfig(str(tmp_path / "missing")), student.model, student.tokenizer)
+
+
+def test_the_teacher_follows_the_students_device_and_dtype(tmp_path):
+    """bf16-true turns the student's weights and the batch's float inputs to bf16: the teacher runs in bf16 too."""
+    tokenizer = _tokenizer(tmp_path)
+    module = _student(tmp_path, _teacher(tmp_path, tokenizer), weight=0.5)
+    teacher, _ = MultimodalR1.from_pretrained(tmp_path / "teacher")
+    ids = torch.randint(5, tokenizer.vocab_size, (3, 10), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(3, 10, dtype=torch.bool), "labels": ids,
+             "modalities": batch_inputs(teacher)}
+    trainer = lightning.Trainer(max_steps=2, accelerator="cpu", precision="bf16-true", logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))
+    assert {p.dtype for p in module._teacher.parameters()} == {torch.bfloat16}
