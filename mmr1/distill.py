@@ -45,15 +45,20 @@ class DistillConfig:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Mean over the supervised tokens (targets != IGNORE_INDEX) of T^2 * KL(p_teacher || p_student) at
-    temperature T. logits (B, L, V), targets (B, L) aligned with them (the next-token targets)."""
+                      temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or with reduction="sum", the sum) over the supervised tokens (targets != IGNORE_INDEX) of
+    T^2 * KL(p_teacher || p_student) at temperature T. logits (B, L, V), targets (B, L) aligned with them (the
+    next-token targets). The sum lets data-parallel training divide by the global token count, as for the LM loss."""
     keep = targets != IGNORE_INDEX  # (B, L)
     if not keep.any():
         return student_logits.sum() * 0.0  # no supervised token: a zero that still belongs to the graph
     student = F.log_softmax(student_logits[keep].float() / temperature, dim=-1)  # (N, V)
     teacher = F.log_softmax(teacher_logits[keep].float() / temperature, dim=-1)
-    kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    kl = F.kl_div(student, teacher, reduction="sum", log_target=True)
+    if reduction == "mean":
+        kl = kl / keep.sum()
+    elif reduction != "sum":
+        raise ValueError(f"distillation_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     return kl * temperature ** 2
 
 

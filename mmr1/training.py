@@ -219,15 +219,12 @@ class MMR1LightningModule(L.LightningModule):
             loss = loss + self.seq_aux_loss_coef * seq_aux_loss
         if self.z_loss_coef:
             loss = loss + self.z_loss_coef * z_loss
-        distill_loss = None
+        distill_value = None
         if train and self._teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self._teacher(batch["input_ids"], batch["attention_mask"],
-                                               batch.get("modalities")).logits
-            distill_loss = distillation_loss(out.logits, teacher_logits, targets, self.distill.temperature)
+            distill_loss, distill_value = self._distill_loss(batch, out.logits, targets, self.distributed)
             loss = loss + self.distill.weight * (distill_loss - lm_loss)  # (1 - w) * lm + w * distill
         return {"lm_loss": lm_loss_value, "aux_loss": out.aux_loss, "seq_aux_loss": seq_aux_loss, "z_loss": z_loss,
-                "distill_loss": distill_loss, "loss": loss, "correct": answer_exact_match(out.logits, targets),
+                "distill_loss": distill_value, "loss": loss, "correct": answer_exact_match(out.logits, targets),
                 "moe_aux": out.moe_aux}
 
     def _lm_loss(self, logits: torch.Tensor, targets: torch.Tensor, global_tokens: bool
@@ -244,10 +241,25 @@ class MMR1LightningModule(L.LightningModule):
             loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX)
             return loss, loss
         token_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        count = (flat_targets != IGNORE_INDEX).sum().to(token_sum.dtype)
+        return self._global_mean(token_sum, targets)
+
+    def _global_mean(self, token_sum: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A rank's per-token loss sum -> (its share of the global mean to backpropagate, the global mean)."""
+        count = (targets != IGNORE_INDEX).sum().to(token_sum.dtype)
         totals = self.trainer.strategy.reduce(torch.stack([token_sum.detach(), count]), reduce_op="sum")
         global_count = totals[1].clamp_min(1.0)
         return token_sum * self.trainer.world_size / global_count, totals[0] / global_count
+
+    def _distill_loss(self, batch: dict[str, Any], logits: torch.Tensor, targets: torch.Tensor,
+                      global_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distillation term against the teacher's logits on the same batch, normalized like _lm_loss."""
+        with torch.no_grad():
+            teacher_logits = self._teacher(batch["input_ids"], batch["attention_mask"], batch.get("modalities")).logits
+        T = self.distill.temperature
+        if not global_tokens:
+            loss = distillation_loss(logits, teacher_logits, targets, T)
+            return loss, loss
+        return self._global_mean(distillation_loss(logits, teacher_logits, targets, T, reduction="sum"), targets)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

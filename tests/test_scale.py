@@ -85,6 +85,32 @@ def test_fsdp_equals_ddp_resumes_sharded_after_sigkill_and_exports(setup, ddp, t
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+def test_distillation_under_ddp_and_fsdp_equals_one_process(setup, tmp_path):
+    """model.distill under DDP and FSDP2: both the LM and the distillation terms are divided by the global token
+    count, so two ranks with different modalities and token counts train exactly like one process with the doubled
+    batch (each rank runs its own full, frozen teacher)."""
+    tmp, base, _ = setup
+    teacher = tmp_path / "teacher"
+    assert main(["export", "--checkpoint", str(tmp / "one" / "checkpoints" / "last.ckpt"),
+                 "--output", str(teacher)]) == 0
+    model = {**MODEL, "distill": {"teacher": str(teacher), "weight": 0.5}}
+    fsdp = {**model, "parallel": {"data_parallel": "fsdp"}}
+    runs = {}
+    for name, batch_size, devices, strategy, config_model in (("kd_one", 8, 1, "auto", model),
+                                                               ("kd_ddp", 4, 2, "ddp", model),
+                                                               ("kd_fsdp", 4, 2, FSDP, fsdp)):
+        config = scale_config(base, tmp_path / name, batch_size=batch_size, devices=devices, strategy=strategy,
+                              model=config_model, data={"shuffle": False})
+        run_fit(config)
+        runs[name] = {key: train_losses(tmp_path / name, key) for key in ("train/loss", "train/distill_loss")}
+    for key in ("train/loss", "train/distill_loss"):
+        for parallel in ("kd_ddp", "kd_fsdp"):
+            assert_losses_close(runs[parallel][key], runs["kd_one"][key], range(STEPS), tol=1e-5)
+    distill = runs["kd_one"]["train/distill_loss"]
+    assert distill[STEPS - 1] < distill[0]  # the student moves towards the teacher
+
+
 def _callbacks(base):
     import yaml
     return yaml.safe_load(base.read_text())["trainer"]["callbacks"]
