@@ -200,7 +200,8 @@ def grouped_gemm_two(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: t
     beta = np.tile(np.array([0.0, 1.0 if sum_products else 0.0], dtype=np.float32), used)
     m, c = np.repeat(plan.rows, 2), functools.partial(plan.constant, count=2 * used)
     a_ptr = pairwise(_address(a1, plan.first), _address(a2, plan.first))
-    _run(plan, False, transpose_b, m, c(N), c(a1.shape[1]), a_ptr, a1.stride(0), pairwise(_address(b1, plan.used), _address(b2, plan.used)), b1.stride(1), c_ptr,
+    b_ptr = pairwise(_address(b1, plan.used), _address(b2, plan.used))
+    _run(plan, False, transpose_b, m, c(N), c(a1.shape[1]), a_ptr, a1.stride(0), b_ptr, b1.stride(1), c_ptr,
          outs[0].stride(0), beta, cut_multiple=2 if sum_products else 1)
     return outs[0] if sum_products else tuple(outs)
 
