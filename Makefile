@@ -54,6 +54,7 @@ bench: $(STAMP) bench-long $(DEMO_DATA)/train.jsonl
 	$(PY) -m benchmarks.fused_adamw_fit --steps 16 --out benchmarks/results/fused_adamw_fit
 	$(PY) -m benchmarks.engine --out benchmarks/results/engine
 	$(PY) -m benchmarks.attention_groups --rounds 5 --out benchmarks/results/attention_groups
+	$(PY) -m benchmarks.decode_attention --out benchmarks/results/decode_attention
 	$(PY) -m benchmarks.prepack --out benchmarks/results/prepack
 	$(PY) -m benchmarks.moe_few_tokens --out benchmarks/results/moe_few_tokens
 	$(PY) -m benchmarks.prefix_cache --out benchmarks/results/prefix_cache

@@ -8,7 +8,8 @@ calls. Before, they shared ONE call: each decode row was padded to the step's lo
 to its longest context in keys. `packed.short_row_groups` now splits them by a cost model. This runs benchmark
 item 2's continuous-batching workload (200 requests, log-normal lengths, engine.md) with both rules, alternating in
 one process, on the fp32 serving model and the bf16 weight-bound one, and counts the attention work each rule
-pads to against the work the rows need.
+pads to against the work the rows need. Where the CPU decode-attention loop runs (AVX-512, model-dtype KV), decode
+rows skip these calls; the comparison here turns it off, measuring the SDPA path that other machines take.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 from benchmarks.engine_cases import mixed_workload, run_offline, serving_model, weight_bound_model
 from benchmarks.report import machine_info, publish
-from mmr1.engine import Engine, EngineConfig, SamplingParams, packed
+from mmr1.engine import Engine, EngineConfig, SamplingParams, decode_attention, packed
 
 RULES = ("one call", "cost model")
 
@@ -58,12 +59,14 @@ def attention_work(model, workload, max_batch: int) -> dict:
 
 @contextlib.contextmanager
 def _rule(groups):
-    """packed.short_row_groups replaced by `groups` inside."""
+    """packed.short_row_groups replaced by `groups` inside, with decode rows grouped too: the CPU decode-attention
+    loop (mmr1/engine/decode_attention.py) is off, as it is on CPUs without AVX-512, for INT8 pools and on GPUs."""
     saved, packed.short_row_groups = packed.short_row_groups, groups
+    saved_supported, decode_attention.supported = decode_attention.supported, lambda pool: False
     try:
         yield
     finally:
-        packed.short_row_groups = saved
+        packed.short_row_groups, decode_attention.supported = saved, saved_supported
 
 
 def compare(name: str, model, workload, max_batch: int, rounds: int) -> dict:

@@ -70,29 +70,32 @@ def cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmr1")
 
 
-def _build(openmp: str) -> str:
-    """Compile SOURCE against `openmp` (PyTorch's libgomp) into the cache, once per source and library; returns
-    the shared library's path. Written under a temporary name and renamed, so concurrent ranks never load half a
-    file."""
-    key = hashlib.sha256((SOURCE + openmp + torch.__version__).encode()).hexdigest()[:16]
-    target = os.path.join(cache_dir(), f"sgemm_batch_slices_{key}.so")
+def build_library(name: str, source: str, flags: list[str], link: list[str]) -> str:
+    """Compile C `source` into the cache as a shared library, once per source, flags, link inputs and PyTorch
+    build; returns its path. Written under a temporary name and renamed, so concurrent ranks never load half a
+    file. Raises RuntimeError with the compiler's message when a step fails."""
+    key = hashlib.sha256("\0".join([source, *flags, *link, torch.__version__]).encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir(), f"{name}_{key}.so")
     if os.path.exists(target):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     compiler = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        src, obj, lib = (os.path.join(tmp, name) for name in ("slices.c", "slices.o", "slices.so"))
+        src, obj, lib = (os.path.join(tmp, f"{name}{ext}") for ext in (".c", ".o", ".so"))
         with open(src, "w") as f:
-            f.write(SOURCE)
-        # Compiled with -fopenmp but linked to PyTorch's runtime by path (not -fopenmp's -lgomp): the process then
-        # holds one OpenMP runtime and one pool of threads.
-        for cmd in ([compiler, "-O2", "-fPIC", "-fopenmp", "-c", src, "-o", obj],
-                    [compiler, "-shared", obj, openmp, "-o", lib]):
+            f.write(source)
+        for cmd in ([compiler, *flags, "-fPIC", "-c", src, "-o", obj], [compiler, "-shared", obj, *link, "-o", lib]):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:300]}")
         os.replace(lib, target)
     return target
+
+
+def _build(openmp: str) -> str:
+    # Compiled with -fopenmp but linked to PyTorch's runtime by path (not -fopenmp's -lgomp): the process then
+    # holds one OpenMP runtime and one pool of threads.
+    return build_library("sgemm_batch_slices", SOURCE, ["-O2", "-fopenmp"], [openmp])
 
 
 @functools.cache

@@ -70,3 +70,22 @@ def test_prepack_benchmark_quick_run(tmp_path):
     assert all(r["output_tokens"] > 0 and r["same_tokens"] == 1.0 for r in rows)  # fp32: identical tokens
     from mmr1.engine.prepack import PACKED_DTYPES
     assert PACKED_DTYPES == (torch.bfloat16,)  # the fp32 rows' widening was undone
+
+
+def test_decode_attention_benchmark_quick_run(tmp_path):
+    from benchmarks.decode_attention import main
+    from mmr1.engine import decode_attention
+
+    if decode_attention.function() is None:
+        pytest.skip("no AVX-512, C compiler or GNU OpenMP here: the loop is not built")
+    threads = torch.get_num_threads()
+    try:
+        result = main(["--quick", "--out", str(tmp_path / "decode_attention")])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "decode_attention.json").read_text())
+    assert [(r["dtype"], r["kv"]) for r in saved["layer"]] == [("bfloat16", "model"), ("float32", "model"),
+                                                                ("bfloat16", "int8")]
+    assert saved["layer"][1]["max_abs_diff"] < 1e-5  # fp32: the loop computes SDPA's result
+    serving = result["serving"][0]
+    assert serving["identical_requests"] == serving["requests"] == 20

@@ -23,7 +23,7 @@ import torch
 
 from fusion.queues import ModalityQueues
 from mmr1.backbone import R1Model
-from mmr1.engine import fronts
+from mmr1.engine import decode_attention, fronts
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.encoding_cache import EncodingCache, files_key
@@ -99,6 +99,8 @@ class Engine:
         # Batch-1 fast path (mmr1.engine.solo): a lone running request keeps a contiguous K/V copy.
         self._solo_ok = solo_eligible(self.backbone, self.cfg.kv_cache_dtype)
         self._packed = self.cfg.packed_steps and packable(self.backbone)  # one forward per step (engine/packed.py)
+        if self._packed:
+            decode_attention.supported(self.pool)  # builds the CPU decode loop now (once), not in the first step
         self._solo: SoloCache | None = None
         self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
         self._weights = contextlib.nullcontext()  # what every step runs under: packed CPU weights, or nothing

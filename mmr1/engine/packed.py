@@ -2,10 +2,11 @@
 
 The token-wise work -- embeddings, projections, MLP/MoE, the output head -- runs once over all N tokens, so a
 step that decodes 15 rows and prefills a 40-token chunk reads the weights once instead of once per group, and no
-row is padded to another's length. Only attention needs rows, and the view does it itself (`attend`): short rows
-(decode, speculative verification, short prompt chunks) are batched in a few calls with their queries padded
-(`short_row_groups`), each long row (a prefill chunk) runs on its own; K/V are written to and read from the paged
-pool as in `PagedBatch`.
+row is padded to another's length. Only attention needs rows, and the view does it itself (`attend`): decoding
+rows (one new token) read their keys in place through the CPU loop of mmr1/engine/decode_attention.py where it
+runs; other short rows (speculative verification, short prompt chunks, and decoding rows elsewhere) are batched in
+a few SDPA calls with their queries padded (`short_row_groups`), each long row (a prefill chunk) runs on its own;
+K/V are written to and read from the paged pool as in `PagedBatch`.
 
 Used for models whose self-attention layers are all full causal without ALiBi (the engine falls back to padded
 groups otherwise). Cross-attention K/V of the rows are concatenated with a per-query mask, so image/audio rows
@@ -18,6 +19,7 @@ import itertools
 import torch
 
 from mmr1.backbone import R1Model
+from mmr1.engine import decode_attention
 from mmr1.engine.paged_cache import PagedKVPool, block_table_tensor
 from mmr1.sdpa import sdpa
 
@@ -113,11 +115,17 @@ class PackedBatch:
         bs = pool.block_size
         tables = block_table_tensor(block_tables)
         self.offsets = offsets = [0, *itertools.accumulate(new)][:-1]  # row i's first token in the packed sequence
-        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new)])  # (N,)
-        self.positions = positions
         row_of = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(new))  # (N,)
+        # token t of row i (packed at offsets[i] + t) sits at position cached[i] + t
+        positions = torch.arange(len(row_of)) + torch.tensor([c - o for c, o in zip(cached, offsets)])[row_of]
+        self.positions = positions  # (N,)
         self.slots = (tables[row_of, positions // bs] * bs + positions % bs).to(device)  # (N,) write slots
-        short = [i for i, n in enumerate(new) if n <= SHORT_ROW]
+        # One-token rows read their keys in place (decode_attention) where the pool allows; the rest in groups.
+        loop = decode_attention.supported(pool)
+        self.decode_rows = [i for i, n in enumerate(new) if n == 1] if loop else []
+        if self.decode_rows:
+            self._decode_keys(tables, bs, [cached[i] + 1 for i in self.decode_rows], device)
+        short = [i for i, n in enumerate(new) if n <= SHORT_ROW and not (loop and n == 1)]
         groups = short_row_groups(short, cached, new) + [[i] for i, n in enumerate(new) if n > SHORT_ROW]
         self.groups = [_AttentionGroup(g, offsets, cached, new, tables, bs) for g in groups]
         for g in self.groups:
@@ -126,6 +134,16 @@ class PackedBatch:
         self._row_of = row_of.to(device)
         self._cross = cross or [None] * len(new)
         self._cross_packed: dict[int, tuple | None] = {}
+
+    def _decode_keys(self, tables: torch.Tensor, block_size: int, spans: list[int], device) -> None:
+        """The pool slots of each one-token row's keys (positions 0 .. span - 1), concatenated, and where each row's
+        start: (K,) and (R + 1,) int64."""
+        starts, spans_t = [0, *itertools.accumulate(spans)], torch.tensor(spans)
+        row_of_key = torch.tensor(self.decode_rows).repeat_interleave(spans_t)  # (K,) each key's table row
+        pos = torch.arange(starts[-1]) - torch.tensor(starts[:-1]).repeat_interleave(spans_t)  # (K,) its position
+        self.decode_slots = (tables[row_of_key, pos // block_size] * block_size + pos % block_size).to(device)
+        self.decode_starts = torch.tensor(starts, device=device)
+        self.decode_tokens = torch.tensor([self.offsets[i] for i in self.decode_rows], device=device)  # (R,)
 
     def position_ids(self, max_pos: int) -> torch.Tensor:
         return self.positions.clamp(max=max_pos)[None].to(self.slots.device)  # (1, N)
@@ -144,6 +162,11 @@ class PackedBatch:
         are written to the pool, then each group's queries attend causally to their rows' cached + new keys."""
         self.pool.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         out = torch.empty_like(q)
+        if self.decode_rows:  # written in place into their tokens of out
+            pool = self.pool
+            scales = (pool.key_scales[layer], pool.value_scales[layer]) if pool.quantized else (None, None)
+            decode_attention.decode_attention(q[0], pool.keys[layer], pool.values[layer], self.decode_slots,
+                                              self.decode_starts, self.decode_tokens, out[0], *scales)
         for g in self.groups:
             keys, values = self.pool.gather(layer, g.slots)  # (G, Hkv, Sg, Dh)
             qg = q[0][:, g.query_index].transpose(0, 1)  # (G, H, Lg, Dh)

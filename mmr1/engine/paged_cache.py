@@ -107,10 +107,8 @@ class PagedKVPool:
 
 def block_table_tensor(block_tables: list[list[int]]) -> torch.Tensor:
     """Rows' block tables -> (B, max blocks) long; short rows are padded with block 0 (their masks hide it)."""
-    tables = torch.zeros(len(block_tables), max(1, max(len(t) for t in block_tables)), dtype=torch.long)
-    for i, t in enumerate(block_tables):
-        tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-    return tables
+    width = max(1, max(len(t) for t in block_tables))
+    return torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)  # one call
 
 
 class PagedBatch:
