@@ -78,6 +78,12 @@ def test_bad_arguments_are_refused():
         decode_attention.decode_attention(q[..., :8], pool[..., :8], pool[..., :8], slots, starts)
     with pytest.raises(ValueError, match="R \\+ 1 offsets"):
         decode_attention.decode_attention(q, pool, pool, slots, starts[:2])
+    with pytest.raises(IndexError, match="the pool's 10 slots"):
+        decode_attention.decode_attention(q, pool, pool, torch.tensor([0, 1, 10]), starts)  # slot 10 of 10
+    with pytest.raises(IndexError, match="2 query tokens"):
+        decode_attention.decode_attention(q, pool, pool, slots, starts, tokens=torch.tensor([0, 2]))
+    with pytest.raises(IndexError, match="non-decreasing"):
+        decode_attention.decode_attention(q, pool, pool, slots, torch.tensor([0, 2, 1]))
     with pytest.raises(ValueError, match="q's shape, dtype and strides"):
         decode_attention.decode_attention(q, pool, pool, slots, starts, out=torch.empty(2, 4, 16).transpose(0, 1))
     torch.testing.assert_close(decode_attention.decode_attention(q, pool, pool, slots, starts)[:, 0],
@@ -117,7 +123,7 @@ def test_packed_forward_with_the_loop_equals_without(dtype, kv, monkeypatch):
 
     calls = []
     real = decode_attention.decode_attention
-    monkeypatch.setattr(decode_attention, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(decode_attention, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     with_loop = run(model)
     assert len(calls) == 3 * model.cfg.n_layers  # the three steps with decode rows
     monkeypatch.setattr(decode_attention, "supported", lambda pool: False)

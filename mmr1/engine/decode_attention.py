@@ -200,16 +200,30 @@ def supported(pool) -> bool:
             and pool.head_dim <= 256 and function() is not None)
 
 
+def check_rows(slots: torch.Tensor, starts: torch.Tensor, num_slots: int, tokens: torch.Tensor, num_tokens: int
+               ) -> None:
+    """Raise IndexError unless every slot is in [0, num_slots), starts run from 0 to len(slots) without going back,
+    and every token is in [0, num_tokens)."""
+    bad = (slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= num_slots)
+           or int(starts[0]) != 0 or int(starts[-1]) != slots.numel() or bool((starts[1:] < starts[:-1]).any())
+           or tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= num_tokens))
+    if bad:
+        raise IndexError(f"decode_attention: rows must index the pool's {num_slots} slots (starts from 0 to "
+                         f"{slots.numel()}, non-decreasing) and the {num_tokens} query tokens")
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                      starts: torch.Tensor, tokens: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+                     check_indices: bool = True) -> torch.Tensor:
     """Queries q (H, N, Dh) of N tokens (any strides, Dh contiguous); row r is token tokens[r] (default: token r,
     with R = N rows) and attends to the pool slots slots[starts[r]:starts[r + 1]] of keys/values (a layer's pool
     (..., Hkv, Dh), contiguous, q's dtype), all of them: a decoding row's keys are its cached tokens and itself.
     Writes softmax(q k^T / sqrt(Dh)) v of each row to the row's token in `out` (H, N, Dh) (new when None; the
     other tokens are left alone) and returns it. INT8 keys/values come with their fp16 scales (..., Hkv), one per
-    slot and KV head (mmr1.engine.paged_cache.quantize_int8)."""
+    slot and KV head (mmr1.engine.paged_cache.quantize_int8). The C loop reads whatever the indices point at, so
+    they are checked against the tensors first; `check_indices=False` skips that for a caller that has checked them
+    once for all layers (PackedBatch)."""
     H, N, Dh = q.shape
     Hkv = keys.shape[-2]
     tokens = torch.arange(N) if tokens is None else tokens
@@ -227,8 +241,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             or not (keys.is_contiguous() and values.is_contiguous())):
         raise ValueError(f"decode_attention: q ({H}, N, {Dh}) against contiguous keys and values (..., Hkv, {Dh}) "
                          f"with H a multiple of Hkv and Dh a multiple of 16 up to 256; got keys {tuple(keys.shape)}")
-    if any(t.dtype != torch.int64 for t in (slots, starts, tokens)) or starts.numel() != R + 1:
-        raise ValueError("decode_attention: slots, starts and tokens must be int64, starts holding R + 1 offsets")
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in (slots, starts, tokens)) or starts.numel() != R + 1:
+        raise ValueError("decode_attention: slots, starts and tokens must be contiguous int64, starts holding R + 1 "
+                         "offsets")
+    if any(t is not None and t.device.type != "cpu" for t in (q, keys, values, slots, starts, tokens, out, *scales)):
+        raise ValueError("decode_attention: every tensor must be on the CPU")
+    if check_indices:
+        check_rows(slots, starts, keys.numel() // (Hkv * Dh), tokens, N)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:

@@ -144,6 +144,9 @@ class PackedBatch:
         self.decode_slots = (tables[row_of_key, pos // block_size] * block_size + pos % block_size).to(device)
         self.decode_starts = torch.tensor(starts, device=device)
         self.decode_tokens = torch.tensor([self.offsets[i] for i in self.decode_rows], device=device)  # (R,)
+        # Checked once here for every layer's call (the loop reads what the indices point at).
+        decode_attention.check_rows(self.decode_slots, self.decode_starts, self.pool.num_blocks * block_size,
+                                    self.decode_tokens, len(self.positions))
 
     def position_ids(self, max_pos: int) -> torch.Tensor:
         return self.positions.clamp(max=max_pos)[None].to(self.slots.device)  # (1, N)
@@ -166,7 +169,8 @@ class PackedBatch:
             pool = self.pool
             scales = (pool.key_scales[layer], pool.value_scales[layer]) if pool.quantized else (None, None)
             decode_attention.decode_attention(q[0], pool.keys[layer], pool.values[layer], self.decode_slots,
-                                              self.decode_starts, self.decode_tokens, out[0], *scales)
+                                              self.decode_starts, self.decode_tokens, out[0], *scales,
+                                              check_indices=False)
         for g in self.groups:
             keys, values = self.pool.gather(layer, g.slots)  # (G, Hkv, Sg, Dh)
             qg = q[0][:, g.query_index].transpose(0, 1)  # (G, H, Lg, Dh)
