@@ -209,3 +209,26 @@ def test_speculative_sampling_is_seeded_and_leak_free():
     runs = [Engine(model, config=cfg, draft=small_draft()).generate(MIXED[:3], params) for _ in range(2)]
     assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]
     assert all(len(o.token_ids) == 10 for o in runs[0])
+
+
+def test_acceptance_counts_no_draft_past_a_stop_token():
+    """A stop token verified together with later drafts ends the request there: the drafts after it were accepted
+    by verification but never used, so `stats["accepted"]` leaves them out (it counts drafts that became output
+    or the stop itself). The target as its own draft accepts every draft, so the count is exact."""
+    model = tiny_model(cross_attn_layers=())
+    plain = Engine(model, config=EngineConfig(max_batch=1)).generate([MIXED[4]], SamplingParams(max_new_tokens=15))
+    tokens = plain[0].token_ids
+    checked = 0
+    for p in range(2, len(tokens)):
+        if tokens[p] in tokens[:p]:
+            continue  # an earlier occurrence would stop first
+        spec = Engine(model, config=EngineConfig(max_batch=1, speculative=SpeculativeConfig("draft", 4,
+                                                                                          adaptive=False)),
+                      draft=model)
+        out = spec.generate([MIXED[4]], SamplingParams(max_new_tokens=15, stop_token_ids=[tokens[p]]))[0]
+        assert out.token_ids == tokens[:p] and out.finish_reason == "stop"
+        # drafts can have become output tokens 1 .. p - 1 (token 0 comes from the prompt's forward) and the stop:
+        # p at most; the drafts verified beside the stop and after it must not count
+        assert spec.stats["accepted"] <= p, (p, spec.stats)
+        checked += 1
+    assert checked >= 3

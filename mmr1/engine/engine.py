@@ -451,7 +451,6 @@ class Engine:
             new, accepted = verify(logits, row.drafts, seq.params,
                                    context, seq.generator, row.draft_probs, len(seq.prompt), ends)
             self.stats["drafted"] += len(row.drafts)
-            self.stats["accepted"] += accepted
             if seq.draft_length is not None:
                 seq.draft_length.record(len(row.drafts), accepted)
             seq.num_cached += accepted  # the accepted drafts' K/V are already in the cache
@@ -460,6 +459,7 @@ class Engine:
         else:
             new = [greedy_token if greedy_token is not None
                    else sample_row(logits[0], seq.params, seq.tokens, seq.generator, len(seq.prompt), ends)]
+        used = len(new)
         for j, token in enumerate(new):  # token j was chosen from logits[j]
             before = len(seq.output)
             done = commit_token(seq, token, ends, self.tokenizer)
@@ -468,7 +468,10 @@ class Engine:
                 if seq.params.logprobs is not None:
                     seq.logprobs.append(token_logprobs(logits[j], token, seq.params.logprobs))
             if done:
+                used = j + 1
                 break
+        if row.drafts:  # drafts verified after a token that ended the request were never used
+            self.stats["accepted"] += min(accepted, used)
         # A stop token verified together with accepted drafts has K/V in the cache but is not one of seq's tokens:
         # num_cached counts tokens of prompt + output only (Sequence), or publishing would hash tokens seq lacks.
         seq.num_cached = min(seq.num_cached, len(seq.prompt) + len(seq.output))
