@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine_cases import mixed_workload, run_offline, serving_model, weight_bound_model
+from benchmarks.engine_cases import decode_loop, mixed_workload, run_offline, serving_model, weight_bound_model
 from benchmarks.report import machine_info, publish
-from mmr1.engine import Engine, EngineConfig, SamplingParams, decode_attention, packed
+from mmr1.engine import Engine, EngineConfig, SamplingParams, packed
 
 RULES = ("one call", "cost model")
 
@@ -62,11 +62,11 @@ def _rule(groups):
     """packed.short_row_groups replaced by `groups` inside, with decode rows grouped too: the CPU decode-attention
     loop (mmr1/engine/decode_attention.py) is off, as it is on CPUs without AVX-512, for INT8 pools and on GPUs."""
     saved, packed.short_row_groups = packed.short_row_groups, groups
-    saved_supported, decode_attention.supported = decode_attention.supported, lambda pool: False
     try:
-        yield
+        with decode_loop(False):
+            yield
     finally:
-        packed.short_row_groups, decode_attention.supported = saved, saved_supported
+        packed.short_row_groups = saved
 
 
 def compare(name: str, model, workload, max_batch: int, rounds: int) -> dict:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -22,24 +21,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine_cases import mixed_workload, serving_model, weight_bound_model
+from benchmarks.engine_cases import decode_loop, mixed_workload, serving_model, weight_bound_model
 from benchmarks.report import machine_info, publish
 from mmr1.engine import Engine, EngineConfig, SamplingParams, decode_attention
 from mmr1.engine.packed import PackedBatch
 from mmr1.engine.paged_cache import PagedKVPool
 
 MODES = ("SDPA", "loop")
-
-
-@contextlib.contextmanager
-def loop_enabled(on: bool):
-    saved = decode_attention.supported
-    if not on:
-        decode_attention.supported = lambda pool: False
-    try:
-        yield
-    finally:
-        decode_attention.supported = saved
 
 
 def one_layer(dtype: torch.dtype, context: int, kv: str = "model", rows: int = 16, repeats: int = 30) -> dict:
@@ -58,7 +46,7 @@ def one_layer(dtype: torch.dtype, context: int, kv: str = "model", rows: int = 1
     times, outs = {mode: [] for mode in MODES}, {}
     for _ in range(repeats):
         for mode in MODES:
-            with loop_enabled(mode == "loop"):
+            with decode_loop(mode == "loop"):
                 batch = PackedBatch(pool, tables, [context] * rows, [1] * rows)
                 start = time.perf_counter()
                 outs[mode] = batch.attend(0, q, k, v)
@@ -73,7 +61,7 @@ def serving(name: str, model, workload, rounds: int) -> dict:
     tok_s, outputs = {mode: [] for mode in MODES}, {}
     for _ in range(rounds):
         for mode in MODES:
-            with loop_enabled(mode == "loop"):
+            with decode_loop(mode == "loop"):
                 engine = Engine(model, config=EngineConfig(max_batch=16))
                 start = time.perf_counter()
                 outs = engine.generate([{"prompt": p, "sampling": SamplingParams(max_new_tokens=n, ignore_eos=True)}

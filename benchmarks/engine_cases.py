@@ -1,6 +1,7 @@
 """The six measurements of benchmarks/engine.py (kept apart from its CLI/report code)."""
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import random
@@ -15,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 from mmr1.backbone import R1Model
 from mmr1.config import R1Config
-from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig, load_profile
+from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig, decode_attention, load_profile
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.runner import forward_paged
 from mmr1.engine.speculative import truncated_draft
@@ -96,6 +97,19 @@ def decode_vs_transformers(family: str, new_tokens: int, repeats: int) -> dict:
             "eager_speedup": tps["eager"] / tps["hf"], "compile_s": compile_s,
             "greedy_token_agreement": agree["compiled"], "eager_greedy_token_agreement": agree["eager"],
             "weight_bytes_per_token": bpt, "achieved_bandwidth_gb_s": bpt * tps["compiled"] / 1e9}
+
+
+@contextlib.contextmanager
+def decode_loop(on: bool):
+    """Inside, packed steps use the CPU decode-attention loop (mmr1/engine/decode_attention.py) where it is
+    supported, or (on=False) the SDPA path that CPUs without AVX-512 and GPUs take."""
+    saved = decode_attention.supported
+    if not on:
+        decode_attention.supported = lambda pool: False
+    try:
+        yield
+    finally:
+        decode_attention.supported = saved
 
 
 # ---- shared serving model and workloads ---------------------------------------------------------------------

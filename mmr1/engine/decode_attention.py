@@ -172,12 +172,12 @@ def _machine_key() -> str:
 def function() -> dict[tuple[torch.dtype, bool], ctypes._CFuncPtr] | None:
     """The compiled loops by (query dtype, INT8 pool), or None where they cannot be built: silently on CPUs without
     AVX-512 or PyTorch builds without GNU OpenMP, with one warning when the compiler fails."""
-    runtime = cpu_threaded_batch.openmp_runtime()
-    if runtime is None or " avx512f" not in _machine_key():
+    runtime, machine = cpu_threaded_batch.openmp_runtime(), _machine_key()
+    if runtime is None or " avx512f" not in machine:
         return None
     try:
         lib = ctypes.CDLL(cpu_threaded_batch.build_library(
-            "decode_attention", SOURCE + f"/* {_machine_key()} */", _FLAGS, [runtime, "-lm"]))
+            "decode_attention", SOURCE + f"/* {machine} */", _FLAGS, [runtime, "-lm"]))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"mmr1: could not build the CPU decode-attention loop ({error}); decoding rows attend through "
                       f"SDPA instead (slower with many rows)", RuntimeWarning, stacklevel=2)
