@@ -56,6 +56,7 @@ bench: $(STAMP) bench-long $(DEMO_DATA)/train.jsonl
 	$(PY) -m benchmarks.attention_groups --rounds 5 --out benchmarks/results/attention_groups
 	$(PY) -m benchmarks.decode_attention --out benchmarks/results/decode_attention
 	$(PY) -m benchmarks.prepack --out benchmarks/results/prepack
+	$(PY) -m benchmarks.cpu_linear --out benchmarks/results/cpu_linear
 	$(PY) -m benchmarks.moe_few_tokens --out benchmarks/results/moe_few_tokens
 	$(PY) -m benchmarks.prefix_cache --out benchmarks/results/prefix_cache
 

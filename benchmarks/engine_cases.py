@@ -120,8 +120,11 @@ def serving_model(seed: int = 0, n_layers: int = 4) -> R1Model:
 
 
 def weight_bound_model(seed: int = 0) -> R1Model:
-    """A bf16 model of 137 MB (hidden 1024, 6 layers): a decode step is bound by reading its weights, as LLM
-    serving is on a GPU, so a step costs nearly the same for 1 or 16 rows (19.6 vs 25.0 ms measured here)."""
+    """A bf16 model of 137 MB (hidden 1024, 6 layers): where memory is slow next to bf16 arithmetic, a decode step
+    is bound by reading its weights, as LLM serving is on a GPU, and costs nearly the same for 1 or 16 rows (19.6 vs
+    25.0 ms on an earlier development machine, 11.6 GB/s copy bandwidth). On a CPU with fast memory and no matrix
+    units it is not: on the 2026-12-07 one (41 GB/s) a 16-row bf16 product of its 1024x2752 weight took 1.8x a
+    1-row one."""
     torch.manual_seed(seed)
     return R1Model(R1Config(vocab_size=2048, dim=1024, n_layers=6, n_heads=16, n_kv_heads=4, ffn_hidden=2752,
                             max_seq_len=512)).eval().to(torch.bfloat16)
@@ -173,33 +176,61 @@ def run_offline(engine: Engine, workload) -> dict:
 # ---- 2. continuous vs static ---------------------------------------------------------------------------------
 def continuous_vs_static(n_requests: int, max_batch: int, shape: str = "lognormal", weight_bound: bool = False,
                          device: str = "cpu", rounds: int = 1) -> dict:
-    """The fp32 serving model (compute-bound steps on CPU) with the padded static baseline too, or the bf16
-    weight_bound_model (engine static mode only: padded static adds a minute and says the same).
+    """Continuous batching against two static schedules of the same engine, on the fp32 serving model
+    (compute-bound steps on CPU) or the bf16 weight_bound_model:
+      classic_static  request-level batching (run_classic_static): a group of max_batch runs to its longest output,
+                      finished rows keep decoding, results come back with the group;
+      static          the engine's static mode: no admission until the group is done, but finished rows retire at
+                      once (their tokens are not computed) and return early -- a stronger baseline on hardware
+                      whose step cost grows with its rows, the same one where a step costs the same for any rows.
 
-    `rounds` > 1 runs continuous and static alternately that many times: the ratio is the median of the rounds'
-    ratios (each side's figures are from its median round), so one noisy run does not decide a close call."""
+    `rounds` > 1 runs the three alternately that many times: each ratio is the median of the rounds' ratios (each
+    side's figures are from its median round), so one noisy run does not decide a close call."""
     model = (weight_bound_model() if weight_bound else serving_model()).to(device)
     work = mixed_workload(n_requests, shape=shape)
     res = {"workload": shape, "model": "bf16 137 MB, weight-bound" if weight_bound else "fp32 13 MB",
            **workload_stats(work), "ideal_steps": ideal_steps([n for _, n in work], max_batch)}
-    runs = {"continuous": [], "static": []}
+    runs = {"continuous": [], "static": [], "classic_static": []}
     for _ in range(rounds):
         for mode in runs:
-            runs[mode].append(run_offline(Engine(model, config=EngineConfig(max_batch=max_batch, scheduling=mode)),
-                                          work))
+            engine = Engine(model, config=EngineConfig(max_batch=max_batch, scheduling=mode.removeprefix("classic_")))
+            runs[mode].append(run_classic_static(engine, work, max_batch) if mode == "classic_static"
+                              else run_offline(engine, work))
     for mode, done in runs.items():
         res[mode] = sorted(done, key=lambda r: r["tok_s"])[len(done) // 2]
-    res["round_ratios"] = [c["tok_s"] / s["tok_s"] for c, s in zip(runs["continuous"], runs["static"])]
-    res["throughput_ratio"] = statistics.median(res["round_ratios"])
+    for base, suffix in (("static", ""), ("classic_static", "_vs_classic")):
+        res["round_ratios" + suffix] = [c["tok_s"] / s["tok_s"] for c, s in zip(runs["continuous"], runs[base])]
+        res["throughput_ratio" + suffix] = statistics.median(res["round_ratios" + suffix])
     # The same continuous run with padded groups instead of packed steps: what packing is worth here.
     res["continuous_padded_groups"] = run_offline(
         Engine(model, config=EngineConfig(max_batch=max_batch, packed_steps=False)), work)
     res["packed_gain"] = res["continuous"]["tok_s"] / res["continuous_padded_groups"]["tok_s"]
-    if not weight_bound:
-        res["padded_static"] = padded_static_batches(model, work, max_batch)
-        res["throughput_ratio_vs_padded"] = res["continuous"]["tok_s"] / res["padded_static"]["tok_s"]
     res["requests"], res["max_batch"] = n_requests, max_batch
     return res
+
+
+def run_classic_static(engine: Engine, workload, max_batch: int) -> dict:
+    """Classic static batching through the same engine (request-level batching, as before Orca): consecutive groups
+    of max_batch requests decode together until the group's longest output is done; a finished request keeps its
+    row (decoding tokens nobody asked for) and is returned with its group. Only each request's own max_new_tokens
+    count as output. The engine's static mode admits a group when the previous one is done, so the groups are
+    exactly these (asserted)."""
+    assert engine.cfg.scheduling == "static" and engine.cfg.max_batch == max_batch
+    groups = [workload[i:i + max_batch] for i in range(0, len(workload), max_batch)]
+    start = time.perf_counter()
+    outs = engine.generate([{"prompt": p, "sampling": SamplingParams(max_new_tokens=max(n for _, n in group),
+                                                                     ignore_eos=True)}
+                            for group in groups for p, _ in group])
+    wall = time.perf_counter() - start
+    tokens, lat, group_done = 0, [], start
+    for group in groups:
+        mine, outs = outs[:len(group)], outs[len(group):]
+        assert min(o.first_token_time for o in mine) >= group_done, "groups overlap: not the workload's groups"
+        group_done = max(o.finish_time for o in mine)
+        tokens += sum(min(len(o.token_ids), n) for o, (_, n) in zip(mine, group))
+        lat += [group_done - start] * len(group)
+    return {"wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall, "p50_latency_s": pct(lat, 50),
+            "p99_latency_s": pct(lat, 99), "steps": engine.stats["steps"]}
 
 
 def ideal_steps(outputs: list[int], max_batch: int) -> dict:
@@ -211,22 +242,6 @@ def ideal_steps(outputs: list[int], max_batch: int) -> dict:
         heapq.heappush(slots, heapq.heappop(slots) + n)
     static = sum(max(outputs[i:i + max_batch]) for i in range(0, len(outputs), max_batch))
     return {"continuous": max(slots), "static": static, "ratio": static / max(slots)}
-
-
-def padded_static_batches(model: R1Model, workload, batch: int) -> dict:
-    """Classic static batching (what `transformers.generate` on a batch does): consecutive groups of `batch`
-    requests, left-padded, decoded together with mmr1.generation.generate for the group's longest output; finished
-    rows keep computing until the group ends. Only each request's own max_new_tokens count as output."""
-    from mmr1.generation import generate
-    start, lat, tokens = time.perf_counter(), [], 0
-    for i in range(0, len(workload), batch):
-        group = workload[i:i + batch]
-        outs = generate(model, [p for p, _ in group], max_new_tokens=max(n for _, n in group))
-        tokens += sum(min(len(o), n) for o, (_, n) in zip(outs, group))
-        lat += [time.perf_counter() - start] * len(group)
-    wall = time.perf_counter() - start
-    return {"wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall, "p50_latency_s": pct(lat, 50),
-            "p99_latency_s": pct(lat, 99)}
 
 
 # ---- 3. speculative decoding at batch 1 ---------------------------------------------------------------------

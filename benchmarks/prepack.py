@@ -27,7 +27,9 @@ VARIANTS = ("plain", "packed")
 
 
 def timed_generate(model, requests, max_batch: int, packed: bool) -> tuple[float, list[list[int]]]:
-    engine = Engine(model, config=EngineConfig(max_batch=max_batch, cpu_prepacked_weights=packed))
+    # plain = torch's own products (not mmr1.engine.cpu_linear's few-row loop), what packing replaces
+    engine = Engine(model, config=EngineConfig(max_batch=max_batch, cpu_prepacked_weights=packed,
+                                               cpu_few_row_linears=False))
     start = time.perf_counter()
     outs = engine.generate(requests)
     return time.perf_counter() - start, [o.token_ids for o in outs]

@@ -20,6 +20,7 @@ import functools
 import glob
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 import warnings
@@ -63,6 +64,18 @@ def openmp_runtime() -> str | None:
     """The GNU OpenMP library PyTorch's wheel ships (and has loaded), or None."""
     runtimes = sorted(glob.glob(os.path.join(torch_lib(), "libgomp*.so*")))
     return runtimes[0] if runtimes else None
+
+
+@functools.cache
+def machine_key() -> str:
+    """What -march=native compiles for: the CPU's model and flags, for the cache keys of libraries built with it (a
+    cache folder shared across machines must not hand one CPU's build to another)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
 
 
 def cache_dir() -> str:

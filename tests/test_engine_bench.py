@@ -8,21 +8,29 @@ import pytest
 import torch
 
 
+def quick_run(main, out):
+    """main(["--quick", "--out", out]) with torch's thread count restored after (the benchmarks pin their own)."""
+    threads = torch.get_num_threads()
+    try:
+        return main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_engine_benchmark_quick_run_writes_every_item(tmp_path):
     from benchmarks.engine import main
 
-    threads = torch.get_num_threads()
-    try:
-        result = main(["--quick", "--out", str(tmp_path / "engine")])
-    finally:
-        torch.set_num_threads(threads)  # the benchmark pins one thread for itself
+    result = quick_run(main, tmp_path / "engine")
     assert json.loads((tmp_path / "engine.json").read_text())["targets"] == result["targets"]
     table = (tmp_path / "engine.md").read_text()
     for item in range(1, 7):
         assert f"\n| {item} |" in table
     assert all(d["greedy_token_agreement"] > 0.9 and d["speedup"] > 0 for d in result["decode"])
     assert result["continuous_vs_static"]["throughput_ratio"] > 0 and result["async_encoding"]["speedup"] > 0
+    c = result["continuous_vs_static"]  # every schedule delivers each request's own tokens, no more
+    assert c["continuous"]["output_tokens"] == c["static"]["output_tokens"] == c["classic_static"]["output_tokens"]
+    assert c["classic_static"]["steps"] >= c["static"]["steps"] > c["continuous"]["steps"]
 
 
 def test_prefix_cache_benchmark_quick_run(tmp_path):
@@ -43,11 +51,7 @@ def test_prefix_cache_benchmark_quick_run(tmp_path):
 def test_attention_groups_benchmark_quick_run(tmp_path):
     from benchmarks.attention_groups import RULES, main
 
-    threads = torch.get_num_threads()
-    try:
-        result = main(["--quick", "--out", str(tmp_path / "attention_groups")])
-    finally:
-        torch.set_num_threads(threads)
+    result = quick_run(main, tmp_path / "attention_groups")
     row = json.loads((tmp_path / "attention_groups.json").read_text())["rows"][0]
     assert row["output_tokens"] == result["rows"][0]["output_tokens"] > 0
     # the cost model pads less than one shared call, and never below the work the rows need
@@ -60,11 +64,7 @@ def test_prepack_benchmark_quick_run(tmp_path):
 
     if not available():
         pytest.skip("this torch build has no oneDNN linear packing")
-    threads = torch.get_num_threads()
-    try:
-        result = main(["--quick", "--out", str(tmp_path / "prepack")])
-    finally:
-        torch.set_num_threads(threads)
+    result = quick_run(main, tmp_path / "prepack")
     rows = json.loads((tmp_path / "prepack.json").read_text())["rows"]
     assert len(rows) == len(result["rows"]) == 2
     assert all(r["output_tokens"] > 0 and r["same_tokens"] == 1.0 for r in rows)  # fp32: identical tokens
@@ -78,14 +78,24 @@ def test_decode_attention_benchmark_quick_run(tmp_path):
 
     if decode_attention.function() is None:
         pytest.skip("no AVX-512, C compiler or GNU OpenMP here: the loop is not built")
-    threads = torch.get_num_threads()
-    try:
-        result = main(["--quick", "--out", str(tmp_path / "decode_attention")])
-    finally:
-        torch.set_num_threads(threads)
+    result = quick_run(main, tmp_path / "decode_attention")
     saved = json.loads((tmp_path / "decode_attention.json").read_text())
     assert [(r["dtype"], r["kv"]) for r in saved["layer"]] == [("bfloat16", "model"), ("float32", "model"),
                                                                 ("bfloat16", "int8")]
     assert saved["layer"][1]["max_abs_diff"] < 1e-5  # fp32: the loop computes SDPA's result
     serving = result["serving"][0]
     assert serving["identical_requests"] == serving["requests"] == 20
+
+
+def test_cpu_linear_benchmark_quick_run(tmp_path):
+    from benchmarks.cpu_linear import main
+    from mmr1.engine import cpu_linear
+
+    if not cpu_linear.available():
+        pytest.skip("no AVX-512, C compiler or GNU OpenMP here: the loop is not built")
+    result = quick_run(main, tmp_path / "cpu_linear")
+    saved = json.loads((tmp_path / "cpu_linear.json").read_text())
+    assert [p["rows"] for p in saved["products"]] == [1, 2, 4, 5, 8, 16] and saved["weights"] == 29
+    assert [(d["family"], d["compile_decode"]) for d in result["decoding"]] == [
+        ("llama", False), ("llama", True), ("mixtral", False), ("mixtral", True)]
+    assert all(d["same_tokens"] for d in result["decoding"])  # greedy decoding unchanged by the loop

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import platform
 import warnings
 
 import torch
@@ -157,22 +156,11 @@ _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the model's dtype: q
 _FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffast-math"]
 
 
-def _machine_key() -> str:
-    """What -march=native compiled for: the CPU's model and flags (a cache folder shared across machines must not
-    hand one CPU's build to another)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.processor()
-
-
 @functools.cache
 def function() -> dict[tuple[torch.dtype, bool], ctypes._CFuncPtr] | None:
     """The compiled loops by (query dtype, INT8 pool), or None where they cannot be built: silently on CPUs without
     AVX-512 or PyTorch builds without GNU OpenMP, with one warning when the compiler fails."""
-    runtime, machine = cpu_threaded_batch.openmp_runtime(), _machine_key()
+    runtime, machine = cpu_threaded_batch.openmp_runtime(), cpu_threaded_batch.machine_key()
     if runtime is None or " avx512f" not in machine:
         return None
     try:

@@ -23,7 +23,7 @@ import torch
 
 from fusion.queues import ModalityQueues
 from mmr1.backbone import R1Model
-from mmr1.engine import decode_attention, fronts
+from mmr1.engine import cpu_linear, decode_attention, fronts
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.encoding_cache import EncodingCache, files_key
@@ -108,6 +108,9 @@ class Engine:
             if self.device.type != "cpu":
                 raise ValueError(f"EngineConfig.cpu_prepacked_weights: the model is on {self.device}, not the CPU")
             self._weights = PrepackedLinears(self.model, draft if self.draft is not None else None)
+        elif self.cfg.cpu_few_row_linears and self.device.type == "cpu" and cpu_linear.available():
+            few_rows = cpu_linear.FewRowLinears(self.model, draft if self.draft is not None else None)
+            self._weights = few_rows if len(few_rows) else self._weights
         self._seqs: dict[int, Sequence] = {}
         self._groups: dict[int, list[Sequence]] = {}  # SamplingParams.n > 1: the id add_request gave -> samples
         self._ids = itertools.count()

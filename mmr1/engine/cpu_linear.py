@@ -1,0 +1,180 @@
+"""fp32 linear layers fed a few rows, on the CPU: one AVX-512 loop that streams each weight once.
+
+At batch 1 a decode step multiplies one row by every weight of the model: its time is the time to read the weights.
+torch's CPU linear hands such a product to MKL's sgemm, which on the 2-core AMD EPYC development machine of
+2026-12-07 read the Llama-shaped benchmark model's 50 MB of weights at 19 GB/s, while a plain loop -- four weight
+rows at a time against the input row, AVX-512 FMAs, fp32 accumulators -- read them at 38 GB/s on the same single
+thread (benchmarks/results/cpu_linear.md). Up to 4 input rows share one pass over the weight; 5-8 rows take two.
+
+`FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 CPU
+nn.Linear of the backbone an instance `forward` that sends products of at most MAX_ROWS rows to the loop and
+everything else (more rows, gradients, other dtypes) to F.linear; it takes the forwards away on exit, so outside
+the engine's steps the model is the user's own. The loop is a custom op (`torch.ops.mmr1.linear_rows`), so
+`compile_decode`'s graph calls it too. Built on first use with the C compiler, like mmr1.engine.decode_attention's
+loop, OpenMP over 4-row blocks of the weight on PyTorch's threads; where it cannot be built (no AVX-512, no
+compiler, no GNU OpenMP) `available()` is False and the engine keeps torch's products.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmr1 import cpu_threaded_batch
+
+MAX_ROWS = 8  # measured faster than torch's sgemm for 1-16 rows here; 1-8 rows read the weight at most twice
+
+SOURCE = r"""
+#include <stdint.h>
+#include <immintrin.h>
+
+/* y[j, r] = x[j] . w[r] (+ bias[r]) for nw <= 4 weight rows and mr <= 4 input rows: each weight chunk is loaded
+   once for all mr rows; the tail of `in` is a masked load. */
+static inline __attribute__((always_inline)) void tile(const float *w, int64_t ldw, const float *x, int64_t ldx,
+        int64_t in, float *y, int64_t ldy, const float *bias, const int nw, const int mr) {
+    __m512 acc[4][4], wv[4], xv[4];
+    for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++) acc[r][j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+        for (int r = 0; r < nw; r++) wv[r] = _mm512_loadu_ps(w + r * ldw + i);
+        for (int j = 0; j < mr; j++) xv[j] = _mm512_loadu_ps(x + j * ldx + i);
+        for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++) acc[r][j] = _mm512_fmadd_ps(wv[r], xv[j], acc[r][j]);
+    }
+    if (i < in) {
+        const __mmask16 m = (__mmask16)((1u << (in - i)) - 1);
+        for (int r = 0; r < nw; r++) wv[r] = _mm512_maskz_loadu_ps(m, w + r * ldw + i);
+        for (int j = 0; j < mr; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * ldx + i);
+        for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++) acc[r][j] = _mm512_fmadd_ps(wv[r], xv[j], acc[r][j]);
+    }
+    for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++)
+        y[j * ldy + r] = _mm512_reduce_add_ps(acc[r][j]) + (bias ? bias[r] : 0.0f);
+}
+
+/* One pass over the weight for MR input rows: 4-row blocks of w split across the threads, the last out % 4 rows
+   one at a time. */
+#define PASS(MR)                                                                                                \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                          \
+    for (int64_t q = 0; q < out / 4; q++)                                                                       \
+        tile(w + 4 * q * ldw, ldw, x, ldx, in, y + 4 * q, ldy, bias ? bias + 4 * q : 0, 4, MR);                 \
+    for (int64_t o = out / 4 * 4; o < out; o++)                                                                 \
+        tile(w + o * ldw, ldw, x, ldx, in, y + o, ldy, bias ? bias + o : 0, 1, MR);
+
+void linear_rows_f32(const float *w, int64_t ldw, const float *x, int64_t ldx, const float *bias, float *y,
+                     int64_t ldy, int64_t m, int64_t out, int64_t in, int threads) {
+    for (int64_t j0 = 0; j0 < m; j0 += 4, x += 4 * ldx, y += 4 * ldy) {
+        switch (m - j0 >= 4 ? 4 : m - j0) {
+            case 4: { PASS(4) break; }
+            case 3: { PASS(3) break; }
+            case 2: { PASS(2) break; }
+            default: { PASS(1) break; }
+        }
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-fopenmp", "-march=native"]  # no -ffast-math: the sums stay IEEE fp32 (only their order differs)
+
+
+@functools.cache
+def function() -> Optional[ctypes._CFuncPtr]:
+    """The compiled loop, or None where it cannot be built: silently on CPUs without AVX-512 or PyTorch builds
+    without GNU OpenMP, with one warning when the compiler fails."""
+    runtime, machine = cpu_threaded_batch.openmp_runtime(), cpu_threaded_batch.machine_key()
+    if runtime is None or " avx512f" not in machine:
+        return None
+    try:
+        lib = ctypes.CDLL(cpu_threaded_batch.build_library("cpu_linear", SOURCE + f"/* {machine} */", _FLAGS,
+                                                           [runtime]))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(f"mmr1: could not build the CPU few-row linear loop ({error}); fp32 linears keep torch's "
+                      f"products", RuntimeWarning, stacklevel=2)
+        return None
+    fn = lib.linear_rows_f32
+    fn.restype = None
+    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                    ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int])
+    return fn
+
+
+def available() -> bool:
+    return function() is not None
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for fp32 CPU tensors, x (..., in), weight (out, in) with contiguous rows, through
+    the loop (any number of rows; it is faster than torch's for a few). The result is new and contiguous."""
+    fp32 = torch.float32
+    if (x.dtype != fp32 or weight.dtype != fp32 or bias is not None and bias.dtype != fp32 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or bias is not None and bias.device.type != "cpu"):
+        raise TypeError("linear_rows: x, weight and bias must be fp32 CPU tensors")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features or weight.stride(1) != 1 or bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"linear_rows: x (..., {in_features}) against a weight ({out_features}, {in_features}) "
+                         f"with contiguous rows and a bias ({out_features},); got x {tuple(x.shape)}, weight strides "
+                         f"{weight.stride()}, bias {None if bias is None else tuple(bias.shape)}")
+    rows = x.reshape(-1, in_features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    if rows.shape[0]:
+        function()(weight.data_ptr(), weight.stride(0), rows.data_ptr(), rows.stride(0),
+                   None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, rows.shape[0],
+                   out_features, in_features, torch.get_num_threads())
+    return y.view(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("mmr1::linear_rows", mutates_args=())
+def linear_rows_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """linear_rows as an operator, so a torch.compile graph calls it instead of tracing into ctypes."""
+    return linear_rows(x, weight, bias)
+
+
+@linear_rows_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _few_row_forward(layer: nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w = layer.weight
+        if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
+                or x.numel() > MAX_ROWS * layer.in_features or w.stride(1) != 1):
+            return F.linear(x, w, layer.bias)
+        return torch.ops.mmr1.linear_rows(x, w, layer.bias)
+    return forward
+
+
+class FewRowLinears:
+    """`with FewRowLinears(model, draft):` runs the plain fp32 CPU nn.Linear layers of the given modules' backbones
+    on the loop whenever they are fed at most MAX_ROWS rows; every other call and module runs as it would."""
+
+    def __init__(self, *models: nn.Module | None):
+        if not available():
+            raise RuntimeError("FewRowLinears: the CPU few-row linear loop is not available here (it needs AVX-512, "
+                               "a C compiler and PyTorch's GNU OpenMP)")
+        self._layers: list[tuple[nn.Linear, Any]] = []
+        for model in models:
+            backbone = getattr(model, "backbone", model)  # a MultimodalR1's encoders run in their own threads
+            for layer in (backbone.modules() if backbone is not None else ()):
+                w = getattr(layer, "weight", None)
+                if type(layer) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32:
+                    self._layers.append((layer, _few_row_forward(layer)))
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __enter__(self) -> "FewRowLinears":
+        for layer, forward in self._layers:
+            layer.__dict__["forward"] = forward  # an instance attribute, found before nn.Linear.forward
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, _ in self._layers:
+            layer.__dict__.pop("forward", None)

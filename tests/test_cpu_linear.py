@@ -1,0 +1,131 @@
+"""The CPU few-row linear loop (mmr1/engine/cpu_linear.py) against float64 products and F.linear, as an operator
+inside torch.compile, and the engine with it against the engine without it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmr1.backbone import R1Model
+from mmr1.config import R1Config
+from mmr1.engine import Engine, EngineConfig, SamplingParams, cpu_linear
+
+needs_loop = pytest.mark.skipif(not cpu_linear.available(),
+                                reason="no AVX-512, C compiler or GNU OpenMP here: the engine keeps torch's products")
+
+
+@needs_loop
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 33])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (3, 15), (4, 16), (17, 17), (64, 100), (130, 48)])
+def test_loop_equals_float64_product(threads, rows, out_features, in_features):
+    """Any row count (passes of 4 rows and a remainder), weights whose row count is not a multiple of 4 (single
+    rows at the end), input widths with and without a tail shorter than 16, with and without bias; 1 and 2 threads.
+    fp32 sums in another order than MKL's: within 1e-5 of the float64 product, as F.linear is."""
+    g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    x, w, b = (torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g),
+               torch.randn(out_features, generator=g))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (None, b):
+            got = cpu_linear.linear_rows(x, w, bias)
+            exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            scale = 1 + exact.abs()
+            assert got.shape == (rows, out_features) and got.dtype == torch.float32
+            if rows:
+                assert ((got.double() - exact).abs() / scale).max().item() <= 1e-5
+            assert torch.allclose(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_loop
+def test_loop_takes_batched_and_strided_inputs():
+    """x (..., in) of any rank, rows not contiguous (a column slice), weight rows strided (a slice of a wider
+    matrix): the result is F.linear's, shaped (..., out), and the inputs are left alone."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, generator=g)[..., :32]  # (2, 3, 32), rows 40 apart
+    wide = torch.randn(24, 48, generator=g)
+    w = wide[:, 8:40]  # (24, 32), rows 48 apart, each row contiguous
+    before = x.clone(), wide.clone()
+    got = cpu_linear.linear_rows(x, w)
+    assert got.shape == (2, 3, 24)
+    assert torch.allclose(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, before[0]) and torch.equal(wide, before[1])
+
+
+@needs_loop
+def test_bad_arguments_are_refused():
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with pytest.raises(TypeError, match="fp32 CPU"):
+        cpu_linear.linear_rows(x.bfloat16(), w.bfloat16())
+    with pytest.raises(ValueError, match=r"x \(\.\.\., 16\)"):
+        cpu_linear.linear_rows(torch.randn(2, 15), w)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        cpu_linear.linear_rows(torch.randn(2, 8), w.t())  # (16, 8) with stride (1, 16)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_linear.linear_rows(x, w, torch.randn(7))
+
+
+@needs_loop
+def test_operator_runs_inside_a_compiled_graph():
+    """torch.ops.mmr1.linear_rows traces (its fake gives the shape) and the compiled graph calls the loop."""
+    g = torch.Generator().manual_seed(1)
+    w1, w2 = torch.randn(48, 32, generator=g), torch.randn(32, 48, generator=g)
+
+    def block(x):
+        return torch.ops.mmr1.linear_rows(torch.relu(torch.ops.mmr1.linear_rows(x, w1, None)), w2, None) + x
+
+    x = torch.randn(1, 32, generator=g)
+    compiled = torch.compile(block, fullgraph=True)
+    assert torch.allclose(compiled(x), F.linear(torch.relu(F.linear(x, w1)), w2) + x, rtol=1e-5, atol=1e-5)
+
+
+@needs_loop
+def test_few_row_linears_route_only_small_inference_products(monkeypatch):
+    """Inside the context: <= MAX_ROWS rows without grad go to the loop, more rows and grad-enabled calls to
+    F.linear (the result then has a grad_fn); on exit the layers have no instance forward left."""
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8, bias=False))
+    calls = []
+    real = cpu_linear.linear_rows
+    monkeypatch.setattr(cpu_linear, "linear_rows", lambda *args: calls.append(args[0].shape) or real(*args))
+    few = cpu_linear.FewRowLinears(model)
+    assert len(few) == 2
+    small, large = torch.randn(cpu_linear.MAX_ROWS, 16), torch.randn(cpu_linear.MAX_ROWS + 1, 16)
+    with torch.no_grad():
+        expected = model(small)
+    with few:
+        with torch.no_grad():
+            assert torch.allclose(model(small), expected, rtol=1e-5, atol=1e-5)
+            assert len(calls) == 2
+            model(large)
+            assert len(calls) == 2
+        assert model(small).grad_fn is not None and len(calls) == 2
+    assert all("forward" not in layer.__dict__ for layer in model)
+
+
+def tiny_model(seed: int = 0) -> R1Model:
+    torch.manual_seed(seed)
+    return R1Model(R1Config(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=176,
+                            max_seq_len=128)).eval()
+
+
+@needs_loop
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_engine_outputs_unchanged_by_the_loop(compile_decode):
+    """Greedy outputs with cpu_few_row_linears on and off: batch 1 (the solo path, eager or compiled) and a few
+    requests batched together (packed steps of a few rows)."""
+    model = tiny_model()
+    prompts = [[5, 9, 17, 3], [100, 2], [7] * 9, [200, 201, 202]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    outs = {}
+    for on in (True, False):
+        cfg = EngineConfig(max_batch=4, block_size=4, cpu_few_row_linears=on, compile_decode=compile_decode)
+        engine = Engine(model, config=cfg)
+        assert isinstance(engine._weights, cpu_linear.FewRowLinears) == on
+        solo = [engine.generate([p], params)[0].token_ids for p in prompts]
+        outs[on] = solo, [o.token_ids for o in engine.generate(prompts, params)]
+    assert outs[True] == outs[False]
+    assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left on the user's model
