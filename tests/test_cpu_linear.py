@@ -113,10 +113,24 @@ def tiny_model(seed: int = 0) -> R1Model:
 
 
 @needs_loop
+def test_engine_uses_the_loop_only_for_weights_larger_than_the_cache(monkeypatch):
+    """A model whose parameters fit in the last-level cache keeps torch's products (MKL reads cached weights
+    faster than the loop's per-call cost allows); one that does not gets the loop."""
+    model = tiny_model()
+    few = cpu_linear.FewRowLinears(model)
+    assert few.model_bytes == sum(p.numel() * 4 for p in model.parameters())
+    assert not isinstance(Engine(model)._weights, cpu_linear.FewRowLinears)
+    monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: few.model_bytes - 1)
+    assert isinstance(Engine(model)._weights, cpu_linear.FewRowLinears)
+
+
+@needs_loop
 @pytest.mark.parametrize("compile_decode", [False, True])
-def test_engine_outputs_unchanged_by_the_loop(compile_decode):
+def test_engine_outputs_unchanged_by_the_loop(compile_decode, monkeypatch):
     """Greedy outputs with cpu_few_row_linears on and off: batch 1 (the solo path, eager or compiled) and a few
-    requests batched together (packed steps of a few rows)."""
+    requests batched together (packed steps of a few rows). (The tiny model fits in any cache: the test lets the
+    engine use the loop anyway.)"""
+    monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: 0)
     model = tiny_model()
     prompts = [[5, 9, 17, 3], [100, 2], [7] * 9, [200, 201, 202]]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -129,3 +143,15 @@ def test_engine_outputs_unchanged_by_the_loop(compile_decode):
         outs[on] = solo, [o.token_ids for o in engine.generate(prompts, params)]
     assert outs[True] == outs[False]
     assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left on the user's model
+
+
+def test_engine_keeps_torch_products_where_the_loop_is_missing(monkeypatch):
+    """A CPU without AVX-512 (or without a compiler): the engine runs torch's products, and asking for the
+    context directly is a clear error."""
+    monkeypatch.setattr(cpu_linear, "available", lambda: False)
+    model = tiny_model()
+    engine = Engine(model, config=EngineConfig(max_batch=2, block_size=4))
+    assert not isinstance(engine._weights, cpu_linear.FewRowLinears)
+    assert len(engine.generate([[5, 9, 17]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids) == 3
+    with pytest.raises(RuntimeError, match="AVX-512"):
+        cpu_linear.FewRowLinears(model)

@@ -2,9 +2,14 @@
 
 At batch 1 a decode step multiplies one row by every weight of the model: its time is the time to read the weights.
 torch's CPU linear hands such a product to MKL's sgemm, which on the 2-core AMD EPYC development machine of
-2026-12-07 read the Llama-shaped benchmark model's 50 MB of weights at 19 GB/s, while a plain loop -- four weight
-rows at a time against the input row, AVX-512 FMAs, fp32 accumulators -- read them at 38 GB/s on the same single
+2026-12-07 read the Llama-shaped benchmark model's 50 MB of weights at 16-19 GB/s, while a plain loop -- four weight
+rows at a time against the input row, AVX-512 FMAs, fp32 accumulators -- read them at 29-38 GB/s on the same single
 thread (benchmarks/results/cpu_linear.md). Up to 4 input rows share one pass over the weight; 5-8 rows take two.
+
+It pays off only where a step's weights stream from memory. Weights that stay in the last-level cache between
+steps MKL reads faster than the loop's per-call cost (a Python call, ~5-10 us) allows: forced on, a 13 MB model
+decoded 0.70-0.86x as fast at batch 1. So the engine takes it only when the models' parameters exceed the last-level
+cache (`FewRowLinears.pays_off`).
 
 `FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 CPU
 nn.Linear of the backbone an instance `forward` that sends products of at most MAX_ROWS rows to the loop and
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import warnings
 from typing import Any, Optional
 
@@ -147,8 +153,25 @@ def _few_row_forward(layer: nn.Linear):
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
                 or x.numel() > MAX_ROWS * layer.in_features or w.stride(1) != 1):
             return F.linear(x, w, layer.bias)
-        return torch.ops.mmr1.linear_rows(x, w, layer.bias)
+        if torch.compiler.is_compiling():  # traced: the operator; eagerly the dispatcher's ~5 us are saved
+            return torch.ops.mmr1.linear_rows(x, w, layer.bias)
+        return linear_rows(x, w, layer.bias)
     return forward
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The size of the CPU's largest cache (Linux sysfs), or 32 MiB where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1] in "KMG"
+                         else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
 
 
 class FewRowLinears:
@@ -160,8 +183,11 @@ class FewRowLinears:
             raise RuntimeError("FewRowLinears: the CPU few-row linear loop is not available here (it needs AVX-512, "
                                "a C compiler and PyTorch's GNU OpenMP)")
         self._layers: list[tuple[nn.Linear, Any]] = []
+        self.model_bytes = 0  # every parameter a step may read, the routed layers' and the rest (MoE experts, ...)
         for model in models:
             backbone = getattr(model, "backbone", model)  # a MultimodalR1's encoders run in their own threads
+            if backbone is not None:
+                self.model_bytes += sum(p.numel() * p.element_size() for p in backbone.parameters())
             for layer in (backbone.modules() if backbone is not None else ()):
                 w = getattr(layer, "weight", None)
                 if type(layer) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32:
@@ -169,6 +195,11 @@ class FewRowLinears:
 
     def __len__(self) -> int:
         return len(self._layers)
+
+    def pays_off(self) -> bool:
+        """Whether the loop is worth it: only when the models' parameters exceed the last-level cache, so that a
+        step reads the routed weights from memory (see the module's docstring; benchmarks/results/cpu_linear.md)."""
+        return len(self) > 0 and self.model_bytes > last_level_cache_bytes()
 
     def __enter__(self) -> "FewRowLinears":
         for layer, forward in self._layers:

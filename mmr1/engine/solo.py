@@ -270,16 +270,22 @@ def compile_solo_step():
     """torch.compile(solo_step) for single-token steps, with dynamo settings for these calls only (not
     process-wide): capture_scalar_outputs, because expert ids are read inside the graph (.item()), and
     suppress_errors, so a machine where inductor cannot build its kernels (no C++ compiler) logs the failure and
-    decodes eagerly instead of failing the request."""
+    decodes eagerly instead of failing the request; and a recompile_limit of RECOMPILE_LIMIT: dynamo keeps the
+    graphs of one function together, and every engine's model, weight routing (cpu_few_row_linears) and torch
+    thread count is a graph of its own, so torch's default of 8 sent the ninth engine in a process to eager."""
     compiled = torch.compile(solo_step)
     config = torch._dynamo.config
 
     def step(*args, **kwargs):
         # Plain attribute swaps: config.patch() costs ~100 us per call, a few % of a decode step.
-        saved = config.capture_scalar_outputs, config.suppress_errors
+        saved = config.capture_scalar_outputs, config.suppress_errors, config.recompile_limit
         config.capture_scalar_outputs = config.suppress_errors = True
+        config.recompile_limit = max(saved[2], RECOMPILE_LIMIT)
         try:
             return compiled(*args, **kwargs)
         finally:
-            config.capture_scalar_outputs, config.suppress_errors = saved
+            config.capture_scalar_outputs, config.suppress_errors, config.recompile_limit = saved
     return step
+
+
+RECOMPILE_LIMIT = 64
