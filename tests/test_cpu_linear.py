@@ -85,14 +85,16 @@ def test_operator_runs_inside_a_compiled_graph():
 
 @needs_loop
 def test_few_row_linears_route_only_small_inference_products(monkeypatch):
-    """Inside the context: <= MAX_ROWS rows without grad go to the loop, more rows and grad-enabled calls to
-    F.linear (the result then has a grad_fn); on exit the layers have no instance forward left."""
+    """Weights read from memory (parameters over the last-level cache): <= MAX_ROWS rows without grad go to the
+    loop, more rows and grad-enabled calls to F.linear (the result then has a grad_fn); on exit the layers have no
+    instance forward left."""
+    monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: 0)
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8, bias=False))
     calls = []
     real = cpu_linear.linear_rows
     monkeypatch.setattr(cpu_linear, "linear_rows", lambda *args: calls.append(args[0].shape) or real(*args))
     few = cpu_linear.FewRowLinears(model)
-    assert len(few) == 2
+    assert few.streams and len(few) == 2
     small, large = torch.randn(cpu_linear.MAX_ROWS, 16), torch.randn(cpu_linear.MAX_ROWS + 1, 16)
     with torch.no_grad():
         expected = model(small)
@@ -100,10 +102,31 @@ def test_few_row_linears_route_only_small_inference_products(monkeypatch):
         with torch.no_grad():
             assert torch.allclose(model(small), expected, rtol=1e-5, atol=1e-5)
             assert len(calls) == 2
+            model(small[:1])
+            assert len(calls) == 4
             model(large)
-            assert len(calls) == 2
-        assert model(small).grad_fn is not None and len(calls) == 2
+            assert len(calls) == 4
+        assert model(small).grad_fn is not None and len(calls) == 4
     assert all("forward" not in layer.__dict__ for layer in model)
+
+
+@needs_loop
+def test_cached_weights_take_the_loop_only_for_several_rows_of_large_weights(monkeypatch):
+    """Parameters that fit in the last-level cache: a weight of CACHED_MIN_BYTES or more takes the loop for 2 to
+    MAX_ROWS rows and torch for one row; a smaller weight is not routed at all."""
+    big, small = nn.Linear(256, 256), nn.Linear(64, 64)  # 256 KiB and 16 KiB of fp32 weight
+    model = nn.Sequential(big, small)
+    calls = []
+    real = cpu_linear.linear_rows
+    monkeypatch.setattr(cpu_linear, "linear_rows", lambda *args: calls.append(args[1].shape) or real(*args))
+    few = cpu_linear.FewRowLinears(model)
+    assert not few.streams and len(few) == 1
+    with few, torch.no_grad():
+        big(torch.randn(1, 256))
+        small(torch.randn(4, 64))
+        assert calls == []
+        out = big(torch.randn(2, 3, 256))  # 6 rows
+        assert calls == [(256, 256)] and out.shape == (2, 3, 256)
 
 
 def tiny_model(seed: int = 0) -> R1Model:
@@ -113,15 +136,17 @@ def tiny_model(seed: int = 0) -> R1Model:
 
 
 @needs_loop
-def test_engine_uses_the_loop_only_for_weights_larger_than_the_cache(monkeypatch):
-    """A model whose parameters fit in the last-level cache keeps torch's products (MKL reads cached weights
-    faster than the loop's per-call cost allows); one that does not gets the loop."""
+def test_engine_installs_the_loop_only_where_it_routes_something(monkeypatch):
+    """The tiny model fits in the cache and has no weight of CACHED_MIN_BYTES: the engine keeps torch's products.
+    Over the cache (made small here) every fp32 linear is routed."""
     model = tiny_model()
     few = cpu_linear.FewRowLinears(model)
-    assert few.model_bytes == sum(p.numel() * 4 for p in model.parameters())
+    assert few.model_bytes == sum(p.numel() * 4 for p in model.parameters()) and len(few) == 0
     assert not isinstance(Engine(model)._weights, cpu_linear.FewRowLinears)
     monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: few.model_bytes - 1)
-    assert isinstance(Engine(model)._weights, cpu_linear.FewRowLinears)
+    engine = Engine(model)
+    assert isinstance(engine._weights, cpu_linear.FewRowLinears) and engine._weights.streams
+    assert len(engine._weights) == sum(type(m) is nn.Linear for m in model.modules())
 
 
 @needs_loop

@@ -110,10 +110,11 @@ class EngineConfig:
     # layout (mmr1/engine/prepack.py) instead of in every call. Costs a copy of those weights; 1.16-1.25x on the
     # development machine (benchmarks/results/prepack.md). Not with compile_decode (inductor packs its own).
     cpu_prepacked_weights: bool = False
-    # CPU, fp32, a model larger than the last-level cache: nn.Linear products of at most 8 rows (batch-1 decode,
-    # speculative verification, small batches) run on an AVX-512 loop that streams each weight once
-    # (mmr1/engine/cpu_linear.py) instead of MKL's sgemm; 2x for one row on the development machine
-    # (benchmarks/results/cpu_linear.md). Off, without AVX-512, or a model that fits in the cache: torch's.
+    # CPU, fp32: nn.Linear products of up to 8 rows (batch-1 decode, speculative verification, small batches) run
+    # on an AVX-512 loop that streams each weight once (mmr1/engine/cpu_linear.py) instead of MKL's sgemm: all of
+    # them for a model larger than the last-level cache, only those of 2-8 rows (large weights) for one that fits;
+    # 2x for one row read from memory on the development machine (benchmarks/results/cpu_linear.md). Off, or
+    # without AVX-512: torch's.
     cpu_few_row_linears: bool = True
 
     def __post_init__(self) -> None:

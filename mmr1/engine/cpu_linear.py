@@ -6,10 +6,15 @@ torch's CPU linear hands such a product to MKL's sgemm, which on the 2-core AMD 
 rows at a time against the input row, AVX-512 FMAs, fp32 accumulators -- read them at 29-38 GB/s on the same single
 thread (benchmarks/results/cpu_linear.md). Up to 4 input rows share one pass over the weight; 5-8 rows take two.
 
-It pays off only where a step's weights stream from memory. Weights that stay in the last-level cache between
-steps MKL reads faster than the loop's per-call cost (a Python call, ~5-10 us) allows: forced on, a 13 MB model
-decoded 0.70-0.86x as fast at batch 1. So the engine takes it only when the models' parameters exceed the last-level
-cache (`FewRowLinears.pays_off`).
+Which products it takes depends on where the weights are. Weights that stream from memory at every step (the
+models' parameters exceed the last-level cache): every product of up to MAX_ROWS rows. Weights that stay in the
+cache between steps: MKL reads them quickly, and for one row the loop's per-call Python cost (a few us) is about
+what it saves -- forced on, a 13 MB model decoded 0.70-1.25x as fast at batch 1 (four runs on a noisy machine),
+a demo-sized one 0.67-0.76x. But MKL's sgemm of 2-8 rows is slow on this CPU even from the cache: 2-8 rows of a
+19.5 MB model's weights were 1.4-1.5x faster through the loop, and speculative verification (5 rows) with prompt
+lookup rose from 1.52-1.72x to 2.00-2.15x over plain decoding. So with cached weights the loop takes products of
+2..MAX_ROWS rows with weights of CACHED_MIN_BYTES or more; smaller weights stay with torch (the call would cost
+more than the product).
 
 `FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 CPU
 nn.Linear of the backbone an instance `forward` that sends products of at most MAX_ROWS rows to the loop and
@@ -33,6 +38,7 @@ from torch import nn
 
 from mmr1 import cpu_threaded_batch
 
+CACHED_MIN_BYTES = 256 << 10  # below this a cached weight's product costs less than the loop's Python call
 MAX_ROWS = 8  # measured faster than torch's sgemm for 1-16 rows here; 1-8 rows read the weight at most twice
 
 SOURCE = r"""
@@ -147,11 +153,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _few_row_forward(layer: nn.Linear):
+def _few_row_forward(layer: nn.Linear, min_rows: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = layer.weight
-        if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
-                or x.numel() > MAX_ROWS * layer.in_features or w.stride(1) != 1):
+        if (not min_rows * layer.in_features <= x.numel() <= MAX_ROWS * layer.in_features  # first: cheapest
+                or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
+                or w.stride(1) != 1):
             return F.linear(x, w, layer.bias)
         if torch.compiler.is_compiling():  # traced: the operator; eagerly the dispatcher's ~5 us are saved
             return torch.ops.mmr1.linear_rows(x, w, layer.bias)
@@ -183,23 +190,21 @@ class FewRowLinears:
             raise RuntimeError("FewRowLinears: the CPU few-row linear loop is not available here (it needs AVX-512, "
                                "a C compiler and PyTorch's GNU OpenMP)")
         self._layers: list[tuple[nn.Linear, Any]] = []
-        self.model_bytes = 0  # every parameter a step may read, the routed layers' and the rest (MoE experts, ...)
-        for model in models:
-            backbone = getattr(model, "backbone", model)  # a MultimodalR1's encoders run in their own threads
-            if backbone is not None:
-                self.model_bytes += sum(p.numel() * p.element_size() for p in backbone.parameters())
-            for layer in (backbone.modules() if backbone is not None else ()):
-                w = getattr(layer, "weight", None)
-                if type(layer) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32:
-                    self._layers.append((layer, _few_row_forward(layer)))
+        # a MultimodalR1's encoders run in their own threads: its backbone only
+        backbones = [b for b in (getattr(m, "backbone", m) for m in models if m is not None) if b is not None]
+        self.model_bytes = sum(p.numel() * p.element_size() for b in backbones for p in b.parameters())
+        layers = [layer for b in backbones for layer in b.modules() if type(layer) is nn.Linear
+                  and layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32]
+        # Whether a step reads the weights from memory: the models' parameters exceed the last-level cache. Then every
+        # product of up to MAX_ROWS rows takes the loop; otherwise only those of 2..MAX_ROWS rows with a weight of
+        # CACHED_MIN_BYTES or more (see the module's docstring).
+        self.streams = self.model_bytes > last_level_cache_bytes()
+        for layer in layers:
+            if self.streams or layer.weight.numel() * 4 >= CACHED_MIN_BYTES:
+                self._layers.append((layer, _few_row_forward(layer, 1 if self.streams else 2)))
 
     def __len__(self) -> int:
         return len(self._layers)
-
-    def pays_off(self) -> bool:
-        """Whether the loop is worth it: only when the models' parameters exceed the last-level cache, so that a
-        step reads the routed weights from memory (see the module's docstring; benchmarks/results/cpu_linear.md)."""
-        return len(self) > 0 and self.model_bytes > last_level_cache_bytes()
 
     def __enter__(self) -> "FewRowLinears":
         for layer, forward in self._layers:

@@ -110,7 +110,7 @@ class Engine:
             self._weights = PrepackedLinears(self.model, draft if self.draft is not None else None)
         elif self.cfg.cpu_few_row_linears and self.device.type == "cpu" and cpu_linear.available():
             few_rows = cpu_linear.FewRowLinears(self.model, draft if self.draft is not None else None)
-            self._weights = few_rows if few_rows.pays_off() else self._weights
+            self._weights = few_rows if len(few_rows) else self._weights
         self._seqs: dict[int, Sequence] = {}
         self._groups: dict[int, list[Sequence]] = {}  # SamplingParams.n > 1: the id add_request gave -> samples
         self._ids = itertools.count()
