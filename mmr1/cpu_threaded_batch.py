@@ -105,6 +105,22 @@ def build_library(name: str, source: str, flags: list[str], link: list[str]) -> 
     return target
 
 
+def avx512_library(name: str, source: str, flags: list[str], link: list[str], fallback: str) -> ctypes.CDLL | None:
+    """A loop written for AVX-512, built with -march=native for this CPU (its model and flags are part of the cache
+    key) against PyTorch's OpenMP runtime, and loaded; None where it cannot be: silently on CPUs without AVX-512
+    or PyTorch builds without GNU OpenMP, with one warning (ending in `fallback`, what runs instead) when the
+    compiler fails."""
+    runtime, machine = openmp_runtime(), machine_key()
+    if runtime is None or " avx512f" not in machine:
+        return None
+    try:
+        return ctypes.CDLL(build_library(name, source + f"/* {machine} */", flags, [runtime, *link]))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(f"mmr1: could not build the CPU {name} loop ({error}); {fallback}", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
 def _build(openmp: str) -> str:
     # Compiled with -fopenmp but linked to PyTorch's runtime by path (not -fopenmp's -lgomp): the process then
     # holds one OpenMP runtime and one pool of threads.

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -96,15 +95,8 @@ _FLAGS = ["-O3", "-fopenmp", "-march=native"]  # no -ffast-math: the sums stay I
 def function() -> Optional[ctypes._CFuncPtr]:
     """The compiled loop, or None where it cannot be built: silently on CPUs without AVX-512 or PyTorch builds
     without GNU OpenMP, with one warning when the compiler fails."""
-    runtime, machine = cpu_threaded_batch.openmp_runtime(), cpu_threaded_batch.machine_key()
-    if runtime is None or " avx512f" not in machine:
-        return None
-    try:
-        lib = ctypes.CDLL(cpu_threaded_batch.build_library("cpu_linear", SOURCE + f"/* {machine} */", _FLAGS,
-                                                           [runtime]))
-    except (OSError, RuntimeError) as error:
-        warnings.warn(f"mmr1: could not build the CPU few-row linear loop ({error}); fp32 linears keep torch's "
-                      f"products", RuntimeWarning, stacklevel=2)
+    lib = cpu_threaded_batch.avx512_library("cpu_linear", SOURCE, _FLAGS, [], "fp32 linears keep torch's products")
+    if lib is None:
         return None
     fn = lib.linear_rows_f32
     fn.restype = None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import warnings
 
 import torch
 
@@ -160,15 +159,9 @@ _FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffast-math"]
 def function() -> dict[tuple[torch.dtype, bool], ctypes._CFuncPtr] | None:
     """The compiled loops by (query dtype, INT8 pool), or None where they cannot be built: silently on CPUs without
     AVX-512 or PyTorch builds without GNU OpenMP, with one warning when the compiler fails."""
-    runtime, machine = cpu_threaded_batch.openmp_runtime(), cpu_threaded_batch.machine_key()
-    if runtime is None or " avx512f" not in machine:
-        return None
-    try:
-        lib = ctypes.CDLL(cpu_threaded_batch.build_library(
-            "decode_attention", SOURCE + f"/* {machine} */", _FLAGS, [runtime, "-lm"]))
-    except (OSError, RuntimeError) as error:
-        warnings.warn(f"mmr1: could not build the CPU decode-attention loop ({error}); decoding rows attend through "
-                      f"SDPA instead (slower with many rows)", RuntimeWarning, stacklevel=2)
+    lib = cpu_threaded_batch.avx512_library("decode_attention", SOURCE, _FLAGS, ["-lm"],
+                                            "decoding rows attend through SDPA instead (slower with many rows)")
+    if lib is None:
         return None
     fns = {}
     for dtype, name in _DTYPES.items():

@@ -266,6 +266,9 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
     return logits
 
 
+RECOMPILE_LIMIT = 64  # dynamo graphs of solo_step per process (compile_solo_step)
+
+
 def compile_solo_step():
     """torch.compile(solo_step) for single-token steps, with dynamo settings for these calls only (not
     process-wide): capture_scalar_outputs, because expert ids are read inside the graph (.item()), and
@@ -286,6 +289,3 @@ def compile_solo_step():
         finally:
             config.capture_scalar_outputs, config.suppress_errors, config.recompile_limit = saved
     return step
-
-
-RECOMPILE_LIMIT = 64
