@@ -8,7 +8,7 @@ import torch
 
 from mmr1.backbone import R1Model
 from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig
-from mmr1.engine.speculative import DraftLength, ngram_propose, truncated_draft, verify
+from mmr1.engine.speculative import DraftLength, cut_after_end, ngram_propose, truncated_draft, verify
 from test_engine import SMALL, multimodal_model, multimodal_reference, raw_inputs, reference
 from test_generation import PROMPTS, modality_tokens, tiny_model
 
@@ -232,3 +232,25 @@ def test_acceptance_counts_no_draft_past_a_stop_token():
         assert spec.stats["accepted"] <= p, (p, spec.stats)
         checked += 1
     assert checked >= 3
+
+
+def test_drafting_stops_at_an_end_token():
+    """Nothing drafted after an end token (eos, a stop token) can become output, whether verification accepts the
+    end or rejects it: the draft stops there. With the target as its own draft every draft is accepted, so the
+    drafts counted are exactly the accepted ones, the stop included -- none is wasted past it."""
+    model = tiny_model(cross_attn_layers=())
+    plain = Engine(model, config=EngineConfig(max_batch=1)).generate([MIXED[4]], SamplingParams(max_new_tokens=15))
+    tokens = plain[0].token_ids
+    stop = next(tokens[p] for p in range(3, len(tokens)) if tokens[p] not in tokens[:p])
+    spec = Engine(model, config=EngineConfig(max_batch=1, speculative=SpeculativeConfig("draft", 8, adaptive=False)),
+                  draft=model)
+    out = spec.generate([MIXED[4]], SamplingParams(max_new_tokens=15, stop_token_ids=[stop]))[0]
+    assert out.token_ids == tokens[:tokens.index(stop)] and out.finish_reason == "stop"
+    assert spec.stats["drafted"] == spec.stats["accepted"] > 0
+    spec.check_no_leaks()
+
+
+def test_prompt_lookup_drafts_are_cut_after_an_end_token():
+    assert cut_after_end([4, 2, 7, 2], (2,)) == [4, 2]
+    assert cut_after_end([4, 5], (2, 9)) == [4, 5]
+    assert cut_after_end([], (2,)) == []

@@ -36,7 +36,7 @@ from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forw
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
-from mmr1.engine.speculative import DraftLength, DraftModel, ngram_propose, verify
+from mmr1.engine.speculative import DraftLength, DraftModel, cut_after_end, ngram_propose, verify
 from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
 
@@ -417,12 +417,13 @@ class Engine:
                     seq.draft_length = DraftLength(spec.num_draft_tokens)
                 longest = seq.draft_length.next_length()
             ks.append(max(0, min(longest, room)))
+        ends = [end_ids(r.seq.params, self.eos_id) for r in decoding]
         if spec.method == "ngram":
-            proposals = [ngram_propose(r.seq.tokens, k, spec.ngram_max, spec.ngram_min) if k else []
-                         for r, k in zip(decoding, ks)]
+            proposals = [cut_after_end(ngram_propose(r.seq.tokens, k, spec.ngram_max, spec.ngram_min), e) if k else []
+                         for r, k, e in zip(decoding, ks, ends)]
             probs = [None] * len(decoding)
         else:
-            proposals, probs = self.draft.propose([r.seq for r in decoding], ks)
+            proposals, probs = self.draft.propose([r.seq for r in decoding], ks, ends)
         for r, drafts, q in zip(decoding, proposals, probs):
             if drafts and self.scheduler.try_reserve(r.seq, r.seq.num_cached + 1 + len(drafts)):
                 r.drafts = drafts

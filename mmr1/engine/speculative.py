@@ -34,6 +34,12 @@ def ngram_propose(tokens: list[int], k: int, ngram_max: int = 3, ngram_min: int 
     return []
 
 
+def cut_after_end(drafts: list[int], ends: tuple[int, ...]) -> list[int]:
+    """Drafts up to and including the first end token: verification never commits anything after one."""
+    cut = next((j + 1 for j, token in enumerate(drafts) if token in ends), len(drafts))
+    return drafts[:cut]
+
+
 @dataclasses.dataclass
 class DraftLength:
     """One request's draft length when it adapts to acceptance (SpeculativeConfig.adaptive).
@@ -127,18 +133,21 @@ class DraftModel:
         # Rows catch up different numbers of tokens (a new request: its whole prompt): pack them when possible.
         self._packed = packable(model)
 
-    def propose(self, seqs: list[Sequence], ks: list[int]
+    def propose(self, seqs: list[Sequence], ks: list[int], ends: list[tuple[int, ...]] | None = None
                 ) -> tuple[list[list[int]], list[list[torch.Tensor | None]]]:
         """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q (None
-        for a plain greedy request, whose verification compares tokens only)."""
+        for a plain greedy request, whose verification compares tokens only). A draft stops at a token of ends[i]
+        (the request's end tokens): whether verification accepts or rejects it, nothing drafted after it can become
+        output, so drafting on would only cost draft steps and verification positions."""
         live = [i for i, (s, k) in enumerate(zip(seqs, ks))
                 if k > 0 and self.allocator.grow(s.id, s.draft_blocks, len(s.tokens) + k - 1, self.block_size)]
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
         feeds = {i: seqs[i].tokens[seqs[i].draft_cached:] for i in live}
         solo = self._solo_for(seqs[live[0]]) if len(live) == 1 and self._solo_ok else None
+        ended: set[int] = set()
         for step in range(max((ks[i] for i in live), default=0)):
-            rows = [i for i in live if step < ks[i]]
+            rows = [i for i in live if step < ks[i] and i not in ended]
             if not rows:
                 break
             args = ([feeds[i] for i in rows], [seqs[i].draft_cached for i in rows],
@@ -164,6 +173,8 @@ class DraftModel:
                 drafts[i].append(token)
                 probs[i].append(q)
                 feeds[i] = [token]
+                if ends is not None and token in ends[i]:
+                    ended.add(i)
         if solo is not None:
             solo.flush(self.pool, seqs[live[0]].draft_blocks)
         return drafts, probs
