@@ -254,3 +254,28 @@ def test_prompt_lookup_drafts_are_cut_after_an_end_token():
     assert cut_after_end([4, 2, 7, 2], (2,)) == [4, 2]
     assert cut_after_end([4, 5], (2, 9)) == [4, 5]
     assert cut_after_end([], (2,)) == []
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_drafts_cut_at_end_tokens_in_a_batch_keep_outputs_exact(method):
+    """Several requests drafting together (batched draft forwards / prompt lookup), each with its own stop token
+    that its greedy output reaches: outputs equal plain decoding with the same stop tokens, and nothing is drafted
+    past a stop (the target as its own draft accepts every draft, so drafted == accepted)."""
+    model = tiny_model(cross_attn_layers=())
+    prompts = [MIXED[i] for i in (0, 2, 4, 5)]
+    plain = Engine(model, config=EngineConfig(**SMALL)).generate(prompts, SamplingParams(max_new_tokens=14))
+    requests = []
+    for prompt, out in zip(prompts, plain):
+        tokens = out.token_ids
+        stop = next((tokens[p] for p in range(2, len(tokens)) if tokens[p] not in tokens[:p]), None)
+        requests.append({"prompt": prompt, "sampling": SamplingParams(
+            max_new_tokens=14, stop_token_ids=[stop] if stop is not None else [])})
+    expected = Engine(model, config=EngineConfig(**SMALL)).generate(requests)
+    spec = Engine(model, config=EngineConfig(**SMALL, speculative=SpeculativeConfig(method, 6, adaptive=False)),
+                  draft=model if method == "draft" else None)
+    got = spec.generate(requests)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert sum(o.finish_reason == "stop" for o in got) >= 3
+    if method == "draft":
+        assert spec.stats["drafted"] == spec.stats["accepted"] > 0
+    spec.check_no_leaks()
