@@ -133,7 +133,7 @@ class DraftModel:
         # Rows catch up different numbers of tokens (a new request: its whole prompt): pack them when possible.
         self._packed = packable(model)
 
-    def propose(self, seqs: list[Sequence], ks: list[int], ends: list[tuple[int, ...]] | None = None
+    def propose(self, seqs: list[Sequence], ks: list[int], ends: list[tuple[int, ...]]
                 ) -> tuple[list[list[int]], list[list[torch.Tensor | None]]]:
         """Draft up to ks[i] tokens for seqs[i] (fewer if its draft KV memory is short): tokens and their q (None
         for a plain greedy request, whose verification compares tokens only). A draft stops at a token of ends[i]
@@ -173,7 +173,7 @@ class DraftModel:
                 drafts[i].append(token)
                 probs[i].append(q)
                 feeds[i] = [token]
-                if ends is not None and token in ends[i]:
+                if token in ends[i]:
                     ended.add(i)
         if solo is not None:
             solo.flush(self.pool, seqs[live[0]].draft_blocks)
