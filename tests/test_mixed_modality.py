@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from distributed_spawn import exit_skipping_finalization
 from mmr1.model import MultimodalR1
 from mmr1.parallel.config import ParallelConfig
 from mmr1.tokenizer import IGNORE_INDEX
@@ -112,6 +113,7 @@ def _worker(rank: int, world: int, init_file: str, modes: list[str]) -> None:
     for mode in modes:  # one process group for all: process start-up dominates on CPU
         _check_mode(rank, world, mode)
     dist.destroy_process_group()
+    exit_skipping_finalization()
 
 
 def _check_mode(rank: int, world: int, mode: str) -> None:
