@@ -130,8 +130,9 @@ def check_engine(device: str) -> dict:
 def torch_default_sdpa():
     """Every module that calls mmr1.sdpa.sdpa calls F.scaled_dot_product_attention instead: torch's own backend
     choice (cuDNN first for masked attention on Hopper), the way the engine ran before mmr1.sdpa."""
-    users = [m for m in list(sys.modules.values())
-             if getattr(m, "sdpa", None) is mmr1_sdpa and m.__name__ != "mmr1.sdpa"]
+    ours = ("mmr1", "encoders", "fusion", "data_pipelines", "benchmarks")  # other modules may warn on getattr
+    users = [m for name, m in list(sys.modules.items())
+             if name.split(".")[0] in ours and name != "mmr1.sdpa" and getattr(m, "sdpa", None) is mmr1_sdpa]
     for module in users:
         module.sdpa = F.scaled_dot_product_attention
     try:

@@ -59,8 +59,10 @@ def test_loop_takes_batched_and_strided_inputs():
 @needs_loop
 def test_bad_arguments_are_refused():
     x, w = torch.randn(2, 16), torch.randn(8, 16)
-    with pytest.raises(TypeError, match="fp32 CPU"):
-        cpu_linear.linear_rows(x.bfloat16(), w.bfloat16())
+    with pytest.raises(TypeError, match="one dtype, fp32 or bf16; got x torch.bfloat16 on cpu, weight torch.float32"):
+        cpu_linear.linear_rows(x.bfloat16(), w)
+    with pytest.raises(TypeError, match="fp32 or bf16"):
+        cpu_linear.linear_rows(x.half(), w.half())
     with pytest.raises(ValueError, match=r"x \(\.\.\., 16\)"):
         cpu_linear.linear_rows(torch.randn(2, 15), w)
     with pytest.raises(ValueError, match="contiguous rows"):
@@ -81,6 +83,70 @@ def test_operator_runs_inside_a_compiled_graph():
     x = torch.randn(1, 32, generator=g)
     compiled = torch.compile(block, fullgraph=True)
     assert torch.allclose(compiled(x), F.linear(torch.relu(F.linear(x, w1)), w2) + x, rtol=1e-5, atol=1e-5)
+
+
+needs_bf16_loop = pytest.mark.skipif(not cpu_linear.available(torch.bfloat16),
+                                     reason="no AVX512_BF16 here: bf16 linears keep torch's products")
+BF16_STEP = 2.0 ** -8  # the spacing of bf16 numbers relative to their size (8 significant bits)
+
+
+def bf16_problem(rows: int, out_features: int, in_features: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(t.bfloat16() for t in (torch.randn(rows, in_features, generator=g),
+                                        torch.randn(out_features, in_features, generator=g),
+                                        torch.randn(out_features, generator=g)))
+
+
+@needs_bf16_loop
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (3, 31), (4, 32), (17, 33), (64, 100), (130, 48)])
+def test_bf16_loop_rounds_the_exact_product_once(threads, rows, out_features, in_features):
+    """bf16 weights and rows (input widths with and without a tail shorter than 32, the vdpbf16ps width): each
+    result is the exact product of the bf16 inputs (float64), summed in fp32 and rounded to bf16 once -- within
+    one bf16 step of the exact value, as torch's bf16 F.linear is."""
+    x, w, b = bf16_problem(rows, out_features, in_features, rows * 1000 + out_features + in_features)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (None, b):
+            got = cpu_linear.linear_rows(x, w, bias)
+            assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+            exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            sums = F.linear(x.double().abs(), w.double().abs())  # bounds the fp32 summation error
+            for result in (got, F.linear(x, w, bias)):
+                err = (result.double() - exact).abs()
+                assert (err <= BF16_STEP * exact.abs() + 1e-6 * sums + 1e-30).all()
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_bf16_loop
+def test_bf16_operator_runs_inside_a_compiled_graph():
+    x, w, b = bf16_problem(2, 24, 40, 3)
+    compiled = torch.compile(lambda x: torch.ops.mmr1.linear_rows(x, w, b) * 2, fullgraph=True)
+    got = compiled(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, cpu_linear.linear_rows(x, w, b) * 2)
+
+
+@needs_bf16_loop
+def test_few_row_linears_route_bf16_products_of_up_to_four_rows(monkeypatch):
+    """bf16 layers take the loop for 1 to ROW_LIMITS[bf16] = 4 rows, also a single row of a cached weight of
+    CACHED_MIN_BYTES or more (the bf16 loop beats oneDNN's product from the cache too); 5 rows go to F.linear."""
+    big = nn.Linear(512, 256).bfloat16()  # 256 KiB of bf16 weight, the model fits in any cache
+    calls = []
+    real = cpu_linear.linear_rows
+    monkeypatch.setattr(cpu_linear, "linear_rows", lambda *args: calls.append(args[0].shape) or real(*args))
+    few = cpu_linear.FewRowLinears(big)
+    assert not few.streams and len(few) == 1 and cpu_linear.ROW_LIMITS[torch.bfloat16] == 4
+    x = torch.randn(5, 512).bfloat16()
+    with few, torch.no_grad():
+        for rows in (1, 4, 5):
+            out = big(x[:rows])
+            assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), F.linear(x[:rows], big.weight,
+                                                                                        big.bias).float(),
+                                                                  rtol=2 * BF16_STEP, atol=1e-2)
+    assert calls == [(1, 512), (4, 512)]
 
 
 @needs_loop
@@ -150,13 +216,15 @@ def test_engine_installs_the_loop_only_where_it_routes_something(monkeypatch):
 
 
 @needs_loop
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_loop)])
 @pytest.mark.parametrize("compile_decode", [False, True])
-def test_engine_outputs_unchanged_by_the_loop(compile_decode, monkeypatch):
+def test_engine_outputs_unchanged_by_the_loop(compile_decode, dtype, monkeypatch):
     """Greedy outputs with cpu_few_row_linears on and off: batch 1 (the solo path, eager or compiled) and a few
     requests batched together (packed steps of a few rows). (The tiny model fits in any cache: the test lets the
-    engine use the loop anyway.)"""
+    engine use the loop anyway.) bf16: the loop's results are rounded from fp32 sums taken in another order than
+    oneDNN's, so a near-tie between two logits could flip; this model has none on these prompts."""
     monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: 0)
-    model = tiny_model()
+    model = tiny_model().to(dtype)
     prompts = [[5, 9, 17, 3], [100, 2], [7] * 9, [200, 201, 202]]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     outs = {}
@@ -173,7 +241,7 @@ def test_engine_outputs_unchanged_by_the_loop(compile_decode, monkeypatch):
 def test_engine_keeps_torch_products_where_the_loop_is_missing(monkeypatch):
     """A CPU without AVX-512 (or without a compiler): the engine runs torch's products, and asking for the
     context directly is a clear error."""
-    monkeypatch.setattr(cpu_linear, "available", lambda: False)
+    monkeypatch.setattr(cpu_linear, "available", lambda dtype=torch.float32: False)
     model = tiny_model()
     engine = Engine(model, config=EngineConfig(max_batch=2, block_size=4))
     assert not isinstance(engine._weights, cpu_linear.FewRowLinears)

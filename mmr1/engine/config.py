@@ -113,8 +113,8 @@ class EngineConfig:
     # CPU, fp32: nn.Linear products of up to 8 rows (batch-1 decode, speculative verification, small batches) run
     # on an AVX-512 loop that streams each weight once (mmr1/engine/cpu_linear.py) instead of MKL's sgemm: all of
     # them for a model larger than the last-level cache, only those of 2-8 rows (large weights) for one that fits;
-    # 2x for one row read from memory on the development machine (benchmarks/results/cpu_linear.md). Off, or
-    # without AVX-512: torch's.
+    # 2x for one row read from memory on the development machine (benchmarks/results/cpu_linear.md). bf16 (CPUs
+    # with AVX512_BF16): products of up to 4 rows, on vdpbf16ps instead of oneDNN. Off, or without AVX-512: torch's.
     cpu_few_row_linears: bool = True
 
     def __post_init__(self) -> None:

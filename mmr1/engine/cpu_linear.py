@@ -1,4 +1,4 @@
-"""fp32 linear layers fed a few rows, on the CPU: one AVX-512 loop that streams each weight once.
+"""fp32 and bf16 linear layers fed a few rows, on the CPU: one AVX-512 loop that streams each weight once.
 
 At batch 1 a decode step multiplies one row by every weight of the model: its time is the time to read the weights.
 torch's CPU linear hands such a product to MKL's sgemm, which on the 2-core AMD EPYC development machine of
@@ -16,13 +16,21 @@ lookup rose from 1.52-1.72x to 2.00-2.15x over plain decoding. So with cached we
 2..MAX_ROWS rows with weights of CACHED_MIN_BYTES or more; smaller weights stay with torch (the call would cost
 more than the product).
 
-`FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 CPU
-nn.Linear of the backbone an instance `forward` that sends products of at most MAX_ROWS rows to the loop and
-everything else (more rows, gradients, other dtypes) to F.linear; it takes the forwards away on exit, so outside
-the engine's steps the model is the user's own. The loop is a custom op (`torch.ops.mmr1.linear_rows`), so
+bf16 (CPUs with AVX512_BF16): the same loop on vdpbf16ps, which multiplies 32 bf16 pairs exactly and adds them into
+fp32 accumulators; the result is rounded to bf16 once, as torch's bf16 product (oneDNN) does -- only the order of
+the fp32 sums differs. oneDNN read the 137 MB bf16 benchmark model's weights at 12-19 GB/s for 1-8 rows; the loop
+2.1-2.3x faster for one row from memory, 1.3x for 4 rows, but no faster for 8 (two passes over the weight) -- from
+the cache 2.1-2.7x for 1-4 rows. So bf16 products of 1..ROW_LIMITS[bf16] = 4 rows take the loop, single rows of
+cached weights included.
+
+`FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 / bf16
+CPU nn.Linear of the backbone an instance `forward` that sends products of at most ROW_LIMITS[dtype] rows to the
+loop and everything else (more rows, gradients, other dtypes) to F.linear; it takes the forwards away on exit, so
+outside the engine's steps the model is the user's own. The loop is a custom op (`torch.ops.mmr1.linear_rows`), so
 `compile_decode`'s graph calls it too. Built on first use with the C compiler, like mmr1.engine.decode_attention's
 loop, OpenMP over 4-row blocks of the weight on PyTorch's threads; where it cannot be built (no AVX-512, no
-compiler, no GNU OpenMP) `available()` is False and the engine keeps torch's products.
+compiler, no GNU OpenMP) `available()` is False and the engine keeps torch's products (bf16 ones also on CPUs
+without AVX512_BF16: `available(torch.bfloat16)`).
 """
 from __future__ import annotations
 
@@ -39,6 +47,9 @@ from mmr1 import cpu_threaded_batch
 
 CACHED_MIN_BYTES = 256 << 10  # below this a cached weight's product costs less than the loop's Python call
 MAX_ROWS = 8  # measured faster than torch's sgemm for 1-16 rows here; 1-8 rows read the weight at most twice
+# The most rows a product may have to take the loop, by weight dtype. bf16 (against oneDNN's bf16 product): 2.1-2.3x
+# for 1 row read from memory, 1.3x for 4, 0.7-1.1x for 8 (two passes over the weight; benchmarks/results/cpu_linear.md).
+ROW_LIMITS = {torch.float32: MAX_ROWS, torch.bfloat16: 4}
 
 SOURCE = r"""
 #include <stdint.h>
@@ -68,54 +79,100 @@ static inline __attribute__((always_inline)) void tile(const float *w, int64_t l
 
 /* One pass over the weight for MR input rows: 4-row blocks of w split across the threads, the last out % 4 rows
    one at a time. */
-#define PASS(MR)                                                                                                \
+#define PASS(TILE, MR)                                                                                          \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                          \
     for (int64_t q = 0; q < out / 4; q++)                                                                       \
-        tile(w + 4 * q * ldw, ldw, x, ldx, in, y + 4 * q, ldy, bias ? bias + 4 * q : 0, 4, MR);                 \
+        TILE(w + 4 * q * ldw, ldw, x, ldx, in, y + 4 * q, ldy, bias ? bias + 4 * q : 0, 4, MR);                 \
     for (int64_t o = out / 4 * 4; o < out; o++)                                                                 \
-        tile(w + o * ldw, ldw, x, ldx, in, y + o, ldy, bias ? bias + o : 0, 1, MR);
+        TILE(w + o * ldw, ldw, x, ldx, in, y + o, ldy, bias ? bias + o : 0, 1, MR);
+
+#define ROWS(TILE)                                                                                              \
+    for (int64_t j0 = 0; j0 < m; j0 += 4, x += 4 * ldx, y += 4 * ldy) {                                         \
+        switch (m - j0 >= 4 ? 4 : m - j0) {                                                                     \
+            case 4: { PASS(TILE, 4) break; }                                                                    \
+            case 3: { PASS(TILE, 3) break; }                                                                    \
+            case 2: { PASS(TILE, 2) break; }                                                                    \
+            default: { PASS(TILE, 1) break; }                                                                   \
+        }                                                                                                       \
+    }
 
 void linear_rows_f32(const float *w, int64_t ldw, const float *x, int64_t ldx, const float *bias, float *y,
                      int64_t ldy, int64_t m, int64_t out, int64_t in, int threads) {
-    for (int64_t j0 = 0; j0 < m; j0 += 4, x += 4 * ldx, y += 4 * ldy) {
-        switch (m - j0 >= 4 ? 4 : m - j0) {
-            case 4: { PASS(4) break; }
-            case 3: { PASS(3) break; }
-            case 2: { PASS(2) break; }
-            default: { PASS(1) break; }
-        }
-    }
+    ROWS(tile)
 }
+
+#ifdef __AVX512BF16__
+/* The same for bf16 weights and input rows (raw 16-bit words), fp32 bias and output: vdpbf16ps multiplies 32
+   bf16 pairs exactly (subnormal bf16 inputs count as zero) and adds them into 16 fp32 accumulators, so one
+   instruction takes 32 weights. */
+static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x,
+        int64_t ldx, int64_t in, float *y, int64_t ldy, const float *bias, const int nw, const int mr) {
+    __m512 acc[4][4];
+    __m512i wv[4], xv[4];
+    for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++) acc[r][j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32) {
+        for (int r = 0; r < nw; r++) wv[r] = _mm512_loadu_si512(w + r * ldw + i);
+        for (int j = 0; j < mr; j++) xv[j] = _mm512_loadu_si512(x + j * ldx + i);
+        for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++)
+            acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv[r], (__m512bh)xv[j]);
+    }
+    if (i < in) {
+        const __mmask32 m = (__mmask32)((1ull << (in - i)) - 1);
+        for (int r = 0; r < nw; r++) wv[r] = _mm512_maskz_loadu_epi16(m, w + r * ldw + i);
+        for (int j = 0; j < mr; j++) xv[j] = _mm512_maskz_loadu_epi16(m, x + j * ldx + i);
+        for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++)
+            acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)wv[r], (__m512bh)xv[j]);
+    }
+    for (int r = 0; r < nw; r++) for (int j = 0; j < mr; j++)
+        y[j * ldy + r] = _mm512_reduce_add_ps(acc[r][j]) + (bias ? bias[r] : 0.0f);
+}
+
+void linear_rows_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t ldx, const float *bias, float *y,
+                      int64_t ldy, int64_t m, int64_t out, int64_t in, int threads) {
+    ROWS(tile_bf16)
+}
+#endif
 """
 
 _FLAGS = ["-O3", "-fopenmp", "-march=native"]  # no -ffast-math: the sums stay IEEE fp32 (only their order differs)
 
 
 @functools.cache
-def function() -> Optional[ctypes._CFuncPtr]:
-    """The compiled loop, or None where it cannot be built: silently on CPUs without AVX-512 or PyTorch builds
-    without GNU OpenMP, with one warning when the compiler fails."""
-    lib = cpu_threaded_batch.avx512_library("cpu_linear", SOURCE, _FLAGS, [], "fp32 linears keep torch's products")
+def functions() -> dict[torch.dtype, ctypes._CFuncPtr]:
+    """The compiled loops by weight dtype (fp32, bf16), or {} where they cannot be built: silently on CPUs without
+    AVX-512 or PyTorch builds without GNU OpenMP, with one warning when the compiler fails."""
+    lib = cpu_threaded_batch.avx512_library("cpu_linear", SOURCE, _FLAGS, [], "linears keep torch's products")
     if lib is None:
-        return None
-    fn = lib.linear_rows_f32
-    fn.restype = None
-    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                    ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int])
-    return fn
+        return {}
+    loops = {}
+    for dtype, name in ((torch.float32, "linear_rows_f32"), (torch.bfloat16, "linear_rows_bf16")):
+        fn = getattr(lib, name, None)  # bf16: built only for CPUs with AVX512_BF16
+        if fn is None:
+            continue
+        fn.restype = None
+        fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                        ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int])
+        loops[dtype] = fn
+    return loops
 
 
-def available() -> bool:
-    return function() is not None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the loop for `dtype` weights was built here."""
+    return dtype in functions()
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for fp32 CPU tensors, x (..., in), weight (out, in) with contiguous rows, through
-    the loop (any number of rows; it is faster than torch's for a few). The result is new and contiguous."""
-    fp32 = torch.float32
-    if (x.dtype != fp32 or weight.dtype != fp32 or bias is not None and bias.dtype != fp32 or x.device.type != "cpu"
-            or weight.device.type != "cpu" or bias is not None and bias.device.type != "cpu"):
-        raise TypeError("linear_rows: x, weight and bias must be fp32 CPU tensors")
+    """F.linear(x, weight, bias) for CPU tensors of one dtype, fp32 or bf16, x (..., in), weight (out, in) with
+    contiguous rows, through the loop (any number of rows; it is faster than torch's for a few). The result is new
+    and contiguous. bf16: exact products of the bf16 inputs, summed in fp32 (the bias too) and rounded to bf16
+    once, as torch's bf16 linear does (only the order of the sums differs)."""
+    dtype = weight.dtype
+    if (dtype not in (torch.float32, torch.bfloat16) or x.dtype != dtype or bias is not None and bias.dtype != dtype
+            or x.device.type != "cpu" or weight.device.type != "cpu" or bias is not None and bias.device.type != "cpu"):
+        raise TypeError("linear_rows: x, weight and bias must be CPU tensors of one dtype, fp32 or bf16; got "
+                        f"x {x.dtype} on {x.device}, weight {dtype} on {weight.device}"
+                        + ("" if bias is None else f", bias {bias.dtype} on {bias.device}"))
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features or weight.stride(1) != 1 or bias is not None and bias.shape != (out_features,):
         raise ValueError(f"linear_rows: x (..., {in_features}) against a weight ({out_features}, {in_features}) "
@@ -125,13 +182,15 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if bias is not None:
-        bias = bias.contiguous()
+        bias = bias.float().contiguous()
+    if not available(dtype):
+        raise RuntimeError(f"linear_rows: no {dtype} loop on this machine (bf16 needs a CPU with AVX512_BF16)")
     y = torch.empty(rows.shape[0], out_features)
     if rows.shape[0]:
-        function()(weight.data_ptr(), weight.stride(0), rows.data_ptr(), rows.stride(0),
-                   None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, rows.shape[0],
-                   out_features, in_features, torch.get_num_threads())
-    return y.view(*x.shape[:-1], out_features)
+        functions()[dtype](weight.data_ptr(), weight.stride(0), rows.data_ptr(), rows.stride(0),
+                           None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, rows.shape[0],
+                           out_features, in_features, torch.get_num_threads())
+    return y.view(*x.shape[:-1], out_features).to(dtype)
 
 
 @torch.library.custom_op("mmr1::linear_rows", mutates_args=())
@@ -145,11 +204,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _few_row_forward(layer: nn.Linear, min_rows: int):
+def _few_row_forward(layer: nn.Linear, min_rows: int, max_rows: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = layer.weight
-        if (not min_rows * layer.in_features <= x.numel() <= MAX_ROWS * layer.in_features  # first: cheapest
-                or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
+        if (not min_rows * layer.in_features <= x.numel() <= max_rows * layer.in_features  # first: cheapest
+                or torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or x.dim() == 0
                 or w.stride(1) != 1):
             return F.linear(x, w, layer.bias)
         if torch.compiler.is_compiling():  # traced: the operator; eagerly the dispatcher's ~5 us are saved
@@ -174,8 +233,9 @@ def last_level_cache_bytes() -> int:
 
 
 class FewRowLinears:
-    """`with FewRowLinears(model, draft):` runs the plain fp32 CPU nn.Linear layers of the given modules' backbones
-    on the loop whenever they are fed at most MAX_ROWS rows; every other call and module runs as it would."""
+    """`with FewRowLinears(model, draft):` runs the plain fp32 / bf16 CPU nn.Linear layers of the given modules'
+    backbones on the loop whenever they are fed few rows (ROW_LIMITS); every other call and module runs as it
+    would."""
 
     def __init__(self, *models: nn.Module | None):
         if not available():
@@ -186,14 +246,17 @@ class FewRowLinears:
         backbones = [b for b in (getattr(m, "backbone", m) for m in models if m is not None) if b is not None]
         self.model_bytes = sum(p.numel() * p.element_size() for b in backbones for p in b.parameters())
         layers = [layer for b in backbones for layer in b.modules() if type(layer) is nn.Linear
-                  and layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32]
+                  and layer.weight.device.type == "cpu" and available(layer.weight.dtype)]
         # Whether a step reads the weights from memory: the models' parameters exceed the last-level cache. Then every
-        # product of up to MAX_ROWS rows takes the loop; otherwise only those of 2..MAX_ROWS rows with a weight of
-        # CACHED_MIN_BYTES or more (see the module's docstring).
+        # product of up to its dtype's row limit takes the loop; otherwise only those with a weight of
+        # CACHED_MIN_BYTES or more, and for fp32 only from 2 rows (see the module's docstring).
         self.streams = self.model_bytes > last_level_cache_bytes()
         for layer in layers:
-            if self.streams or layer.weight.numel() * 4 >= CACHED_MIN_BYTES:
-                self._layers.append((layer, _few_row_forward(layer, 1 if self.streams else 2)))
+            weight = layer.weight
+            if self.streams or weight.numel() * weight.element_size() >= CACHED_MIN_BYTES:
+                fp32_from_cache = weight.dtype == torch.float32 and not self.streams
+                forward = _few_row_forward(layer, 2 if fp32_from_cache else 1, ROW_LIMITS[weight.dtype])
+                self._layers.append((layer, forward))
 
     def __len__(self) -> int:
         return len(self._layers)
