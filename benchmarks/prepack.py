@@ -7,7 +7,9 @@ Continuous batching on engine.md item 2's log-normal workload (200 requests) and
 the bf16 137 MB weight-bound model and the fp32 13 MB serving model of benchmarks/engine_cases.py, packed and
 plain alternating in one process (median of the rounds), 1 torch thread as engine.md. Outputs are compared too.
 The fp32 rows pack fp32 weights as well, which the engine does not do (prepack.PACKED_DTYPES is bf16): they are
-why.
+why. Variants: plain (torch's products), packed (oneDNN-packed weights), loop (mmr1.engine.cpu_linear's few-row
+loop, the engine's default), packed+loop (packed weights, few-row products on the loop: what
+`cpu_prepacked_weights=True` runs with the default `cpu_few_row_linears`); speed-ups are against plain.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from benchmarks.engine_cases import mixed_workload, serving_model, weight_bound_
 from benchmarks.report import machine_info, publish
 from mmr1.engine import Engine, EngineConfig, SamplingParams, prepack
 
-VARIANTS = ("plain", "packed")
+VARIANTS = {"plain": (False, False), "packed": (True, False), "loop": (False, True), "packed+loop": (True, True)}
 
 
-def timed_generate(model, requests, max_batch: int, packed: bool) -> tuple[float, list[list[int]]]:
-    # plain = torch's own products (not mmr1.engine.cpu_linear's few-row loop), what packing replaces
+def timed_generate(model, requests, max_batch: int, variant: str) -> tuple[float, list[list[int]]]:
+    packed, loop = VARIANTS[variant]
     engine = Engine(model, config=EngineConfig(max_batch=max_batch, cpu_prepacked_weights=packed,
-                                               cpu_few_row_linears=False))
+                                               cpu_few_row_linears=loop))
     start = time.perf_counter()
     outs = engine.generate(requests)
     return time.perf_counter() - start, [o.token_ids for o in outs]
@@ -50,13 +52,13 @@ def _compare(model, requests, max_batch: int, rounds: int) -> dict:
     tokens = {}
     for _ in range(rounds):
         for variant in VARIANTS:
-            wall, tokens[variant] = timed_generate(model, requests, max_batch, variant == "packed")
+            wall, tokens[variant] = timed_generate(model, requests, max_batch, variant)
             walls[variant].append(wall)
     n = sum(len(t) for t in tokens["plain"])
-    same = sum(a == b for x, y in zip(tokens["plain"], tokens["packed"]) for a, b in zip(x, y))
     tok_s = {v: n / statistics.median(walls[v]) for v in VARIANTS}
-    return {"output_tokens": n, "walls_s": walls, "tok_s": tok_s, "speedup": tok_s["packed"] / tok_s["plain"],
-            "same_tokens": same / n}
+    same = {v: sum(a == b for x, y in zip(tokens["plain"], tokens[v]) for a, b in zip(x, y)) / n for v in VARIANTS}
+    return {"output_tokens": n, "walls_s": walls, "tok_s": tok_s,
+            "speedup": {v: tok_s[v] / tok_s["plain"] for v in VARIANTS}, "same_tokens": same}
 
 
 def cases(quick: bool) -> list[tuple[str, str, object, list, int]]:
@@ -77,12 +79,15 @@ def cases(quick: bool) -> list[tuple[str, str, object, list, int]]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"`{result['command']}` on {m['cores']} CPU cores ({m['cpu']}), torch {m['torch']} "
-             f"({m['torch_threads']} thread); packed and plain alternating, median of {result['rounds']} rounds; "
-             f"load average at start {m['load_average_at_start']:.1f}; total {result['total_seconds']:.0f} s.", "",
-             "| model | workload | plain tok/s | packed tok/s | speed-up | same tokens |", "|---|---|---|---|---|---|"]
+             f"({m['torch_threads']} thread); the variants alternating, median of {result['rounds']} rounds; "
+             f"load average at start {m['load_average_at_start']:.1f}; total {result['total_seconds']:.0f} s. "
+             "tok/s, speed-up against plain, and the share of plain's tokens each variant reproduced.", "",
+             "| model | workload | plain | packed | loop | packed+loop | same tokens (packed / loop / both) |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['workload']} | {r['tok_s']['plain']:.0f} | {r['tok_s']['packed']:.0f} | "
-                     f"{r['speedup']:.2f}x | {100 * r['same_tokens']:.1f}% |")
+        cells = [f"{r['tok_s'][v]:.0f}" + ("" if v == "plain" else f" ({r['speedup'][v]:.2f}x)") for v in VARIANTS]
+        same = " / ".join(f"{100 * r['same_tokens'][v]:.1f}%" for v in list(VARIANTS)[1:])
+        lines.append(f"| {r['model']} | {r['workload']} | {' | '.join(cells)} | {same} |")
     return "\n".join(lines)
 
 

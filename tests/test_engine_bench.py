@@ -67,7 +67,8 @@ def test_prepack_benchmark_quick_run(tmp_path):
     result = quick_run(main, tmp_path / "prepack")
     rows = json.loads((tmp_path / "prepack.json").read_text())["rows"]
     assert len(rows) == len(result["rows"]) == 2
-    assert all(r["output_tokens"] > 0 and r["same_tokens"] == 1.0 for r in rows)  # fp32: identical tokens
+    assert all(r["output_tokens"] > 0 and set(r["same_tokens"]) == {"plain", "packed", "loop", "packed+loop"}
+               and all(share == 1.0 for share in r["same_tokens"].values()) for r in rows)  # fp32: identical tokens
     from mmr1.engine.prepack import PACKED_DTYPES
     assert PACKED_DTYPES == (torch.bfloat16,)  # the fp32 rows' widening was undone
 

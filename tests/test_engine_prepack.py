@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmr1.engine import Engine, EngineConfig, SamplingParams
+from mmr1.engine import Engine, EngineConfig, SamplingParams, cpu_linear
 from mmr1.engine.prepack import PrepackedLinears, available
 from test_generation import tiny_model
 
@@ -34,6 +34,28 @@ def test_packed_linear_equals_f_linear_and_repacks_a_changed_weight():
         out = layer(x.requires_grad_(True))
     out.float().sum().backward()
     assert layer.weight.grad is not None and mode.packed_calls == 2
+
+
+@pytest.mark.skipif(not cpu_linear.available(torch.bfloat16), reason="no AVX512_BF16 here: no bf16 few-row loop")
+def test_few_rows_take_the_loop_and_more_rows_the_packed_weight():
+    """`few_rows`: products of up to ROW_LIMITS[bf16] = 4 rows run on cpu_linear's loop, larger ones packed; both
+    within bf16 rounding of F.linear. The engine passes its cpu_few_row_linears (default on): a batch-1 decode step
+    takes the loop, a long prompt's prefill the packed weights."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 40).bfloat16()
+    mode = PrepackedLinears(layer, few_rows=True)
+    with torch.no_grad(), mode:
+        for rows in (1, 4, 5, 12):
+            x = torch.randn(rows, 64).bfloat16()
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=2e-2, rtol=2e-2)
+    assert (mode.loop_calls, mode.packed_calls) == (2, 2)
+    model = tiny_model().bfloat16()
+    engine = Engine(model, config=EngineConfig(max_batch=1, cpu_prepacked_weights=True))
+    engine.generate([list(range(3, 23))], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert engine._weights.loop_calls > 0 and engine._weights.packed_calls > 0
+    off = Engine(model, config=EngineConfig(max_batch=1, cpu_prepacked_weights=True, cpu_few_row_linears=False))
+    off.generate([list(range(3, 23))], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert off._weights.loop_calls == 0 and off._weights.packed_calls > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -108,7 +108,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # CPU, bf16: run the backbone's (and draft's) nn.Linear products on weights reordered once into oneDNN's blocked
     # layout (mmr1/engine/prepack.py) instead of in every call. Costs a copy of those weights; 1.16-1.25x on the
-    # development machine (benchmarks/results/prepack.md). Not with compile_decode (inductor packs its own).
+    # development machine (benchmarks/results/prepack.md). Products of a few rows still take the few-row loop when
+    # cpu_few_row_linears is on. Not with compile_decode (inductor packs its own).
     cpu_prepacked_weights: bool = False
     # CPU, fp32: nn.Linear products of up to 8 rows (batch-1 decode, speculative verification, small batches) run
     # on an AVX-512 loop that streams each weight once (mmr1/engine/cpu_linear.py) instead of MKL's sgemm: all of

@@ -107,7 +107,8 @@ class Engine:
         if self.cfg.cpu_prepacked_weights:
             if self.device.type != "cpu":
                 raise ValueError(f"EngineConfig.cpu_prepacked_weights: the model is on {self.device}, not the CPU")
-            self._weights = PrepackedLinears(self.model, draft if self.draft is not None else None)
+            self._weights = PrepackedLinears(self.model, draft if self.draft is not None else None,
+                                             few_rows=self.cfg.cpu_few_row_linears)
         elif self.cfg.cpu_few_row_linears and self.device.type == "cpu" and cpu_linear.available():
             few_rows = cpu_linear.FewRowLinears(self.model, draft if self.draft is not None else None)
             self._weights = few_rows if len(few_rows) else self._weights

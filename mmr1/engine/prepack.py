@@ -15,6 +15,10 @@ first, costs a Python call for every op of the step: it made the fp32 serving mo
 copies double the linear weights' memory. A weight changed or replaced after packing (load_state_dict, an optimizer
 step) is packed again at its next use (its version counter moved), so outputs never come from stale weights;
 grad-enabled calls take the plain op (the packed one has no backward).
+
+With `few_rows` (the engine passes EngineConfig.cpu_few_row_linears) products of at most cpu_linear.ROW_LIMITS rows
+go to mmr1.engine.cpu_linear's loop instead, which reads the weight faster than oneDNN's packed product for those
+(batch-1 decoding of the 137 MB bf16 model: benchmarks/results/prepack.md); larger ones take the packed weight.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmr1.engine import cpu_linear
 
 # bf16 only: fp32 linears run on MKL's sgemm, and oneDNN's packed fp32 products measured slower than it here
 # (0.64-0.66x at batch 1, 0.80-0.84x in continuous batching: the fp32 serving model, benchmarks/results/prepack.md).
@@ -43,15 +49,18 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 class _Packed:
     """One nn.Linear's packed weight, and the forward that uses it."""
 
-    def __init__(self, layer: nn.Linear):
-        self.layer = layer
+    def __init__(self, layer: nn.Linear, loop_rows: int = 0):
+        self.layer, self.loop_rows = layer, loop_rows
         self.weight, self.version, self.packed = layer.weight, layer.weight._version, _pack(layer.weight)
-        self.calls = 0
+        self.calls = self.loop_calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, bias = self.layer.weight, self.layer.bias
         if torch.is_grad_enabled() or x.dtype != w.dtype or x.device != w.device:
             return F.linear(x, w, bias)
+        if x.dim() and x.numel() <= self.loop_rows * x.shape[-1] and w.stride(1) == 1:  # a few rows: the loop
+            self.loop_calls += 1
+            return cpu_linear.linear_rows(x, w, bias)
         if w is not self.weight or w._version != self.version:  # replaced or changed in place since packing
             self.weight, self.version, self.packed = w, w._version, _pack(w)
         self.calls += 1
@@ -62,7 +71,7 @@ class PrepackedLinears:
     """`with PrepackedLinears(model, draft):` runs the plain nn.Linear layers of the given modules' backbones (CPU,
     PACKED_DTYPES) on their packed weights; every other module runs as it would."""
 
-    def __init__(self, *models: nn.Module | None):
+    def __init__(self, *models: nn.Module | None, few_rows: bool = False):
         if not available():
             raise RuntimeError("cpu_prepacked_weights: this torch build has no oneDNN linear packing "
                                "(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._reorder_linear_weight)")
@@ -72,7 +81,8 @@ class PrepackedLinears:
             for layer in (backbone.modules() if backbone is not None else ()):
                 w = getattr(layer, "weight", None)
                 if type(layer) is nn.Linear and w.device.type == "cpu" and w.dtype in PACKED_DTYPES:
-                    self._layers.append(_Packed(layer))
+                    loop = few_rows and cpu_linear.available(w.dtype)
+                    self._layers.append(_Packed(layer, cpu_linear.ROW_LIMITS[w.dtype] if loop else 0))
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -81,6 +91,11 @@ class PrepackedLinears:
     def packed_calls(self) -> int:
         """Products that ran on a packed weight so far."""
         return sum(p.calls for p in self._layers)
+
+    @property
+    def loop_calls(self) -> int:
+        """Products of a few rows that ran on the cpu_linear loop so far (`few_rows`)."""
+        return sum(p.loop_calls for p in self._layers)
 
     def __enter__(self) -> "PrepackedLinears":
         for p in self._layers:
