@@ -12,7 +12,7 @@ F.linear, and batch-1 engine decoding with it on and off.
    (EngineConfig.cpu_few_row_linears on and off; eager and compile_decode), tok/s, median of --repeats alternating
    runs, outputs compared. The loop is forced on for the 13 MB model, whose weights fit in the last-level cache
    (there the engine takes it only for products of 2-8 rows): that row shows why. bf16: the weight-bound model and
-   the Llama-shaped one cast to bf16. bf16 greedy tokens need not match: torch's bf16 product and the loop both
+   the Llama- and Mixtral-shaped ones cast to bf16 (the Mixtral one's stacked experts take `rows_times`). bf16 greedy tokens need not match: torch's bf16 product and the loop both
    round an fp32 sum to bf16 once, but sum in another order, and a random model's near-ties then flip.
 One torch thread unless --threads says otherwise, as benchmarks/engine.py.
 """
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cpu_linear.available(torch.bfloat16):  # a CPU with AVX512_BF16
         bound = weight_bound_model()
         bf16_weights = [m.weight.detach() for m in bound.modules() if isinstance(m, torch.nn.Linear)]
-        models += [("bf16 weight-bound", bound), ("llama bf16", hf_shaped("llama").to(torch.bfloat16))]
+        models += [("bf16 weight-bound", bound), ("llama bf16", hf_shaped("llama").to(torch.bfloat16)),
+                   ("mixtral bf16", hf_shaped("mixtral").to(torch.bfloat16))]
     result = {"command": "python -m benchmarks.cpu_linear " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine, "weights": len(weights),
               "weight_mb": sum(w.numel() * w.element_size() for w in weights) / 1e6,

@@ -150,6 +150,35 @@ def test_few_row_linears_route_bf16_products_of_up_to_four_rows(monkeypatch):
 
 
 @needs_loop
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [0, 1, 2, 4, 5, 9])
+@pytest.mark.parametrize("in_features,out_features", [(1, 1), (7, 130), (33, 47), (100, 16), (64, 64)])
+def test_rows_times_rounds_the_exact_product_once(threads, rows, in_features, out_features):
+    """x @ w for bf16 weights stored (in, out) (a stacked expert's w[e]): output widths with and without a tail
+    shorter than 16 (and split between 2 threads), within one bf16 step of the float64 product of the bf16 inputs."""
+    x, w, _ = bf16_problem(rows, out_features, in_features, rows * 1000 + out_features + in_features)
+    w = w.t().contiguous()  # (in, out)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_linear.rows_times(x, w)
+    finally:
+        torch.set_num_threads(saved)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    exact, sums = x.double() @ w.double(), x.double().abs() @ w.double().abs()
+    assert ((got.double() - exact).abs() <= BF16_STEP * exact.abs() + 1e-6 * sums + 1e-30).all()
+
+
+@needs_loop
+def test_rows_times_refuses_what_it_does_not_compute():
+    x, w = torch.randn(2, 16).bfloat16(), torch.randn(16, 8).bfloat16()
+    with pytest.raises(TypeError, match="bf16 CPU tensors; got x torch.float32"):
+        cpu_linear.rows_times(x.float(), w)
+    with pytest.raises(ValueError, match=r"contiguous rows; got x \(2, 16\), weight \(16, 8\) with strides \(1, 16\)"):
+        cpu_linear.rows_times(x, torch.randn(8, 16).bfloat16().t())
+
+
+@needs_loop
 def test_few_row_linears_route_only_small_inference_products(monkeypatch):
     """Weights read from memory (parameters over the last-level cache): <= MAX_ROWS rows without grad go to the
     loop, more rows and grad-enabled calls to F.linear (the result then has a grad_fn); on exit the layers have no
@@ -236,6 +265,30 @@ def test_engine_outputs_unchanged_by_the_loop(compile_decode, dtype, monkeypatch
         outs[on] = solo, [o.token_ids for o in engine.generate(prompts, params)]
     assert outs[True] == outs[False]
     assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left on the user's model
+
+
+@needs_loop
+def test_bf16_experts_take_rows_times_in_the_batch_1_fast_path(monkeypatch):
+    """A bf16 MoE model whose weights stream from memory (the cache made small here): during engine steps its
+    stacked experts are marked for cpu_linear.rows_times, the one-token MoE of the batch-1 path multiplies through
+    it, the greedy tokens equal the engine's without the loop, and the mark is gone after each step."""
+    from test_generation import tiny_model as tiny_moe_model
+
+    monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: 0)
+    calls = []
+    real = cpu_linear.rows_times
+    monkeypatch.setattr(cpu_linear, "rows_times", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
+    model = tiny_moe_model().bfloat16()
+    experts = [m for m in model.modules() if type(m).__name__ == "GroupedExperts"]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    outs = {}
+    for on in (False, True):
+        engine = Engine(model, config=EngineConfig(max_batch=1, cpu_few_row_linears=on))
+        outs[on] = engine.generate([[5, 9, 17, 3]], params)[0].token_ids
+    assert outs[True] == outs[False] and len(experts) == len(engine._weights._experts) > 0
+    dim, hidden = experts[0].w_gate.shape[1:]
+    assert {(dim, hidden), (hidden, dim)} == set(calls)  # gate/up and down products, every decode step
+    assert all("few_row_matmul" not in m.__dict__ for m in experts)
 
 
 def test_engine_keeps_torch_products_where_the_loop_is_missing(monkeypatch):

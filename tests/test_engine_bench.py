@@ -100,7 +100,7 @@ def test_cpu_linear_benchmark_quick_run(tmp_path):
     dtypes = ["float32"] + ["bfloat16"] * bf16
     assert [(p["dtype"], p["rows"]) for p in saved["products"]] == [(d, r) for d in dtypes for r in (1, 2, 4, 5, 8, 16)]
     assert saved["weights"] == 29 and saved["bf16_weights"] == 43 * bf16
-    families = ["llama", "mixtral", "serving 13 MB"] + ["bf16 weight-bound", "llama bf16"] * bf16
+    families = ["llama", "mixtral", "serving 13 MB"] + ["bf16 weight-bound", "llama bf16", "mixtral bf16"] * bf16
     assert [(d["family"], d["compile_decode"]) for d in result["decoding"]] == [
         (name, compiled) for name in families for compiled in (False, True)]
     # fp32 greedy decoding is unchanged by the loop (bf16 results may round the other way: see the benchmark)

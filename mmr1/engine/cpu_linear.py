@@ -23,6 +23,11 @@ the fp32 sums differs. oneDNN read the 137 MB bf16 benchmark model's weights at 
 the cache 2.1-2.7x for 1-4 rows. So bf16 products of 1..ROW_LIMITS[bf16] = 4 rows take the loop, single rows of
 cached weights included.
 
+bf16 MoE experts are stacked (in, out) weights multiplied as `h @ w[e]`, which torch's bf16 matmul read at 9-11 GB/s
+for one row; `rows_times` streams each weight row, widens it exactly to fp32 and adds it into the outputs, about 3x
+that. `FewRowLinears` marks bf16 GroupedExperts for the step and the batch-1 path's one-token MoE
+(mmr1.engine.solo._moe_one, eager) multiplies through it. fp32 experts keep torch's (MKL reads that layout quickly).
+
 `FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 / bf16
 CPU nn.Linear of the backbone an instance `forward` that sends products of at most ROW_LIMITS[dtype] rows to the
 loop and everything else (more rows, gradients, other dtypes) to F.linear; it takes the forwards away on exit, so
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmr1 import cpu_threaded_batch
+from mmr1.moe import GroupedExperts
 
 CACHED_MIN_BYTES = 256 << 10  # below this a cached weight's product costs less than the loop's Python call
 MAX_ROWS = 8  # measured faster than torch's sgemm for 1-16 rows here; 1-8 rows read the weight at most twice
@@ -101,6 +107,44 @@ void linear_rows_f32(const float *w, int64_t ldw, const float *x, int64_t ldx, c
     ROWS(tile)
 }
 
+/* x @ w for bf16 weights stored (in, out) -- stacked MoE experts, multiplied as h @ w[e] -- and mr <= 4 fp32 rows:
+   each weight row is streamed once, widened exactly to fp32, and added into the outputs y[j, c0:c1] (they stay in
+   the cache). The threads split the columns. */
+static inline __attribute__((always_inline)) __m512 widen_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static void axpy_columns(const uint16_t *w, int64_t ldw, const float *x, int64_t ldx, float *y, int64_t ldy,
+                         int64_t in, int64_t c0, int64_t c1, int mr) {
+    const int64_t full = c0 + (c1 - c0) / 16 * 16;
+    for (int j = 0; j < mr; j++) for (int64_t c = c0; c < c1; c++) y[j * ldy + c] = 0.0f;
+    for (int64_t i = 0; i < in; i++) {
+        const uint16_t *row = w + i * ldw;
+        __m512 xb[4];
+        for (int j = 0; j < mr; j++) xb[j] = _mm512_set1_ps(x[j * ldx + i]);
+        for (int64_t c = c0; c < full; c += 16) {
+            const __m512 wv = widen_bf16(row + c);
+            for (int j = 0; j < mr; j++)
+                _mm512_storeu_ps(y + j * ldy + c, _mm512_fmadd_ps(xb[j], wv, _mm512_loadu_ps(y + j * ldy + c)));
+        }
+        for (int64_t c = full; c < c1; c++) {
+            union { uint32_t u; float f; } v = {.u = (uint32_t)row[c] << 16};
+            for (int j = 0; j < mr; j++) y[j * ldy + c] += x[j * ldx + i] * v.f;
+        }
+    }
+}
+
+void rows_times_bf16(const uint16_t *w, int64_t ldw, const float *x, int64_t ldx, float *y, int64_t ldy,
+                     int64_t m, int64_t out, int64_t in, int threads) {
+    const int64_t chunk = ((out + threads - 1) / threads + 15) / 16 * 16;
+    for (int64_t j0 = 0; j0 < m; j0 += 4, x += 4 * ldx, y += 4 * ldy) {
+        const int mr = m - j0 >= 4 ? 4 : (int)(m - j0);
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t c0 = 0; c0 < out; c0 += chunk)
+            axpy_columns(w, ldw, x, ldx, y, ldy, in, c0, c0 + chunk < out ? c0 + chunk : out, mr);
+    }
+}
+
 #ifdef __AVX512BF16__
 /* The same for bf16 weights and input rows (raw 16-bit words), fp32 bias and output: vdpbf16ps multiplies 32
    bf16 pairs exactly (subnormal bf16 inputs count as zero) and adds them into 16 fp32 accumulators, so one
@@ -139,10 +183,16 @@ _FLAGS = ["-O3", "-fopenmp", "-march=native"]  # no -ffast-math: the sums stay I
 
 
 @functools.cache
+def _library() -> Optional[ctypes.CDLL]:
+    """The compiled loops, or None where they cannot be built: silently on CPUs without AVX-512 or PyTorch builds
+    without GNU OpenMP, with one warning when the compiler fails."""
+    return cpu_threaded_batch.avx512_library("cpu_linear", SOURCE, _FLAGS, [], "linears keep torch's products")
+
+
+@functools.cache
 def functions() -> dict[torch.dtype, ctypes._CFuncPtr]:
-    """The compiled loops by weight dtype (fp32, bf16), or {} where they cannot be built: silently on CPUs without
-    AVX-512 or PyTorch builds without GNU OpenMP, with one warning when the compiler fails."""
-    lib = cpu_threaded_batch.avx512_library("cpu_linear", SOURCE, _FLAGS, [], "linears keep torch's products")
+    """The nn.Linear loops by weight dtype (fp32, bf16), {} without the library."""
+    lib = _library()
     if lib is None:
         return {}
     loops = {}
@@ -155,6 +205,41 @@ def functions() -> dict[torch.dtype, ctypes._CFuncPtr]:
                         ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int])
         loops[dtype] = fn
     return loops
+
+
+@functools.cache
+def _rows_times_function() -> Optional[ctypes._CFuncPtr]:
+    lib = _library()
+    if lib is None:
+        return None
+    fn = lib.rows_times_bf16
+    fn.restype = None
+    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                    ctypes.c_int64] + [ctypes.c_int64] * 3 + [ctypes.c_int])
+    return fn
+
+
+def rows_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight for bf16 CPU tensors, x (rows, in), weight (in, out) with contiguous rows (a stacked MoE expert's
+    w[e]), through the loop: exact bf16 products summed in fp32, rounded to bf16 once. About 3x torch's bf16 matmul
+    for one row read from memory (benchmarks/results/cpu_linear.md)."""
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.device.type != "cpu"):
+        raise TypeError(f"rows_times: x and weight must be bf16 CPU tensors; got x {x.dtype} on {x.device}, weight "
+                        f"{weight.dtype} on {weight.device}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[0] or weight.stride(1) != 1:
+        raise ValueError(f"rows_times: x (rows, in) against a weight (in, out) with contiguous rows; got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)} with strides {weight.stride()}")
+    fn = _rows_times_function()
+    if fn is None:
+        raise RuntimeError("rows_times: the CPU loop is not available here (it needs AVX-512, a C compiler and "
+                           "PyTorch's GNU OpenMP)")
+    rows = x.float().contiguous()
+    y = torch.empty(rows.shape[0], weight.shape[1])
+    if rows.shape[0]:
+        fn(weight.data_ptr(), weight.stride(0), rows.data_ptr(), rows.stride(0), y.data_ptr(), y.stride(0),
+           rows.shape[0], weight.shape[1], weight.shape[0], torch.get_num_threads())
+    return y.bfloat16()
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
@@ -257,15 +342,26 @@ class FewRowLinears:
                 fp32_from_cache = weight.dtype == torch.float32 and not self.streams
                 forward = _few_row_forward(layer, 2 if fp32_from_cache else 1, ROW_LIMITS[weight.dtype])
                 self._layers.append((layer, forward))
+        # bf16 stacked experts (h @ w[e], (in, out) weights): the batch-1 fast path's one-token MoE
+        # (mmr1.engine.solo._moe_one) multiplies through rows_times while the step runs -- torch's bf16 matmul read
+        # them at 9-11 GB/s here, the loop at about 3x that. fp32 experts keep torch's (MKL's one-row product of this
+        # layout is already fast).
+        self._experts = [m for b in backbones for m in b.modules() if isinstance(m, GroupedExperts)
+                         and m.w_gate.dtype == torch.bfloat16 and m.w_gate.device.type == "cpu"
+                         and (self.streams or m.w_gate[0].numel() * 2 >= CACHED_MIN_BYTES)]
 
     def __len__(self) -> int:
-        return len(self._layers)
+        return len(self._layers) + len(self._experts)
 
     def __enter__(self) -> "FewRowLinears":
         for layer, forward in self._layers:
             layer.__dict__["forward"] = forward  # an instance attribute, found before nn.Linear.forward
+        for experts in self._experts:
+            experts.__dict__["few_row_matmul"] = rows_times
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for layer, _ in self._layers:
             layer.__dict__.pop("forward", None)
+        for experts in self._experts:
+            experts.__dict__.pop("few_row_matmul", None)

@@ -114,8 +114,12 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, traced: bool = False) -> torc
     depend on which experts were chosen and still selects views instead of copying the experts' weights."""
     weights, indices = _route_one(ffn.router, h)  # (1, k)
     w = ffn.experts
+    # bf16 experts on the CPU during an engine step: cpu_linear's loop (set by cpu_linear.FewRowLinears)
+    mm = None if traced else w.__dict__.get("few_row_matmul")
 
     def expert(e):  # (1, D)
+        if mm is not None:
+            return mm(F.silu(mm(h, w.w_gate[e])) * mm(h, w.w_up[e]), w.w_down[e])
         return (F.silu(h @ w.w_gate[e]) * (h @ w.w_up[e])) @ w.w_down[e]
 
     out = torch.zeros_like(h)
