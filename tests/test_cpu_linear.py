@@ -268,10 +268,12 @@ def test_engine_outputs_unchanged_by_the_loop(compile_decode, dtype, monkeypatch
 
 
 @needs_loop
-def test_bf16_experts_take_rows_times_in_the_batch_1_fast_path(monkeypatch):
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_bf16_experts_take_rows_times_in_the_batch_1_fast_path(compile_decode, monkeypatch):
     """A bf16 MoE model whose weights stream from memory (the cache made small here): during engine steps its
     stacked experts are marked for cpu_linear.rows_times, the one-token MoE of the batch-1 path multiplies through
-    it, the greedy tokens equal the engine's without the loop, and the mark is gone after each step."""
+    it (compiled: through its operator), the greedy tokens equal the engine's without the loop, and the mark is gone
+    after each step."""
     from test_generation import tiny_model as tiny_moe_model
 
     monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: 0)
@@ -283,7 +285,7 @@ def test_bf16_experts_take_rows_times_in_the_batch_1_fast_path(monkeypatch):
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     outs = {}
     for on in (False, True):
-        engine = Engine(model, config=EngineConfig(max_batch=1, cpu_few_row_linears=on))
+        engine = Engine(model, config=EngineConfig(max_batch=1, cpu_few_row_linears=on, compile_decode=compile_decode))
         outs[on] = engine.generate([[5, 9, 17, 3]], params)[0].token_ids
     assert outs[True] == outs[False] and len(experts) == len(engine._weights._experts) > 0
     dim, hidden = experts[0].w_gate.shape[1:]

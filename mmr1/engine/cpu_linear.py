@@ -26,7 +26,7 @@ cached weights included.
 bf16 MoE experts are stacked (in, out) weights multiplied as `h @ w[e]`, which torch's bf16 matmul read at 9-11 GB/s
 for one row; `rows_times` streams each weight row, widens it exactly to fp32 and adds it into the outputs, about 3x
 that. `FewRowLinears` marks bf16 GroupedExperts for the step and the batch-1 path's one-token MoE
-(mmr1.engine.solo._moe_one, eager) multiplies through it. fp32 experts keep torch's (MKL reads that layout quickly).
+(mmr1.engine.solo._moe_one) multiplies through it (compiled: through the operator `torch.ops.mmr1.rows_times`). fp32 experts keep torch's (MKL reads that layout quickly).
 
 `FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 / bf16
 CPU nn.Linear of the backbone an instance `forward` that sends products of at most ROW_LIMITS[dtype] rows to the
@@ -240,6 +240,17 @@ def rows_times(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         fn(weight.data_ptr(), weight.stride(0), rows.data_ptr(), rows.stride(0), y.data_ptr(), y.stride(0),
            rows.shape[0], weight.shape[1], weight.shape[0], torch.get_num_threads())
     return y.bfloat16()
+
+
+@torch.library.custom_op("mmr1::rows_times", mutates_args=())
+def rows_times_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows_times as an operator, for compile_decode's graph."""
+    return rows_times(x, weight)
+
+
+@rows_times_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:

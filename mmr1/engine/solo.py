@@ -114,8 +114,11 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, traced: bool = False) -> torc
     depend on which experts were chosen and still selects views instead of copying the experts' weights."""
     weights, indices = _route_one(ffn.router, h)  # (1, k)
     w = ffn.experts
-    # bf16 experts on the CPU during an engine step: cpu_linear's loop (set by cpu_linear.FewRowLinears)
-    mm = None if traced else w.__dict__.get("few_row_matmul")
+    # bf16 experts on the CPU during an engine step: cpu_linear's loop (set by cpu_linear.FewRowLinears); traced,
+    # its operator (the graph cannot trace into ctypes)
+    mm = getattr(w, "few_row_matmul", None)
+    if mm is not None and traced:
+        mm = torch.ops.mmr1.rows_times
 
     def expert(e):  # (1, D)
         if mm is not None:
