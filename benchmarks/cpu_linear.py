@@ -12,8 +12,9 @@ F.linear, and batch-1 engine decoding with it on and off.
    (EngineConfig.cpu_few_row_linears on and off; eager and compile_decode), tok/s, median of --repeats alternating
    runs, outputs compared. The loop is forced on for the 13 MB model, whose weights fit in the last-level cache
    (there the engine takes it only for products of 2-8 rows): that row shows why. bf16: the weight-bound model and
-   the Llama- and Mixtral-shaped ones cast to bf16 (the Mixtral one's stacked experts take `rows_times`). bf16 greedy tokens need not match: torch's bf16 product and the loop both
-   round an fp32 sum to bf16 once, but sum in another order, and a random model's near-ties then flip.
+   the Llama- and Mixtral-shaped ones cast to bf16 (the Mixtral one's stacked experts take `rows_times`). bf16
+   greedy tokens need not match: torch's bf16 product and the loop both round an fp32 sum to bf16 once, but sum in
+   another order, and a random model's near-ties then flip.
 One torch thread unless --threads says otherwise, as benchmarks/engine.py.
 """
 from __future__ import annotations

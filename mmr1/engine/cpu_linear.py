@@ -26,7 +26,8 @@ cached weights included.
 bf16 MoE experts are stacked (in, out) weights multiplied as `h @ w[e]`, which torch's bf16 matmul read at 9-11 GB/s
 for one row; `rows_times` streams each weight row, widens it exactly to fp32 and adds it into the outputs, about 3x
 that. `FewRowLinears` marks bf16 GroupedExperts for the step and the batch-1 path's one-token MoE
-(mmr1.engine.solo._moe_one) multiplies through it (compiled: through the operator `torch.ops.mmr1.rows_times`). fp32 experts keep torch's (MKL reads that layout quickly).
+(mmr1.engine.solo._moe_one) multiplies through it (compiled: through the operator `torch.ops.mmr1.rows_times`).
+fp32 experts keep torch's (MKL reads that layout quickly).
 
 `FewRowLinears` (entered around each engine step, like mmr1.engine.prepack's bf16 packing) gives each fp32 / bf16
 CPU nn.Linear of the backbone an instance `forward` that sends products of at most ROW_LIMITS[dtype] rows to the
@@ -54,7 +55,8 @@ from mmr1.moe import GroupedExperts
 CACHED_MIN_BYTES = 256 << 10  # below this a cached weight's product costs less than the loop's Python call
 MAX_ROWS = 8  # measured faster than torch's sgemm for 1-16 rows here; 1-8 rows read the weight at most twice
 # The most rows a product may have to take the loop, by weight dtype. bf16 (against oneDNN's bf16 product): 2.1-2.3x
-# for 1 row read from memory, 1.3x for 4, 0.7-1.1x for 8 (two passes over the weight; benchmarks/results/cpu_linear.md).
+# for 1 row read from memory, 1.3x for 4, 0.7-1.1x for 8 (two passes over the weight;
+# benchmarks/results/cpu_linear.md).
 ROW_LIMITS = {torch.float32: MAX_ROWS, torch.bfloat16: 4}
 
 SOURCE = r"""
@@ -300,12 +302,20 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def takes_loop(x: torch.Tensor, weight: torch.Tensor, min_rows: int, max_rows: int) -> bool:
+    """Whether F.linear(x, weight) is an inference product the loop should take: min_rows..max_rows rows of x, no
+    gradients, x of the weight's dtype on the CPU, weight rows contiguous. (The loop for that dtype must exist: the
+    callers only route weights for which `available(weight.dtype)`.)"""
+    in_features = weight.shape[1]
+    return (min_rows * in_features <= x.numel() <= max_rows * in_features  # first: cheapest
+            and not torch.is_grad_enabled() and x.dtype == weight.dtype and x.device.type == "cpu" and x.dim() > 0
+            and weight.stride(1) == 1)
+
+
 def _few_row_forward(layer: nn.Linear, min_rows: int, max_rows: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = layer.weight
-        if (not min_rows * layer.in_features <= x.numel() <= max_rows * layer.in_features  # first: cheapest
-                or torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or x.dim() == 0
-                or w.stride(1) != 1):
+        if not takes_loop(x, w, min_rows, max_rows):
             return F.linear(x, w, layer.bias)
         if torch.compiler.is_compiling():  # traced: the operator; eagerly the dispatcher's ~5 us are saved
             return torch.ops.mmr1.linear_rows(x, w, layer.bias)

@@ -58,7 +58,7 @@ class _Packed:
         w, bias = self.layer.weight, self.layer.bias
         if torch.is_grad_enabled() or x.dtype != w.dtype or x.device != w.device:
             return F.linear(x, w, bias)
-        if x.dim() and x.numel() <= self.loop_rows * x.shape[-1] and w.stride(1) == 1:  # a few rows: the loop
+        if self.loop_rows and cpu_linear.takes_loop(x, w, 1, self.loop_rows):  # a few rows: the loop
             self.loop_calls += 1
             return cpu_linear.linear_rows(x, w, bias)
         if w is not self.weight or w._version != self.version:  # replaced or changed in place since packing
