@@ -9,7 +9,9 @@ plain alternating in one process (median of the rounds), 1 torch thread as engin
 The fp32 rows pack fp32 weights as well, which the engine does not do (prepack.PACKED_DTYPES is bf16): they are
 why. Variants: plain (torch's products), packed (oneDNN-packed weights), loop (mmr1.engine.cpu_linear's few-row
 loop, the engine's default), packed+loop (packed weights, few-row products on the loop: what
-`cpu_prepacked_weights=True` runs with the default `cpu_few_row_linears`); speed-ups are against plain.
+`cpu_prepacked_weights=True` runs with the default `cpu_few_row_linears`); speed-ups are against plain. The
+Mixtral-shaped bf16 model's batch-1 row shows the loop on its stacked experts (cpu_linear.rows_times) with and
+without packed weights.
 """
 from __future__ import annotations
 
@@ -72,8 +74,16 @@ def cases(quick: bool) -> list[tuple[str, str, object, list, int]]:
            ("fp32 13 MB", "batch 1, 2 x 64 new tokens", serving_model, solo, 1)]
     if not quick:
         out += [("bf16 137 MB, weight-bound", "continuous, 200 requests (log-normal)", weight_bound_model, mix, 16),
-                ("bf16 137 MB, weight-bound", "batch 1, 2 x 64 new tokens", weight_bound_model, solo, 1)]
+                ("bf16 137 MB, weight-bound", "batch 1, 2 x 64 new tokens", weight_bound_model, solo, 1),
+                ("bf16 Mixtral-shaped 61 MB", "batch 1, 2 x 64 new tokens", mixtral_bf16, solo, 1)]
     return out
+
+
+def mixtral_bf16():
+    """benchmarks/cpu_linear.py's Mixtral-shaped model (imported from transformers) in bf16: its stacked experts are
+    not nn.Linear layers, so packing leaves them alone and the loop variants run them on cpu_linear.rows_times."""
+    from benchmarks.cpu_linear import hf_shaped
+    return hf_shaped("mixtral").to(torch.bfloat16)
 
 
 def markdown(result: dict) -> str:

@@ -267,13 +267,11 @@ def test_engine_outputs_unchanged_by_the_loop(compile_decode, dtype, monkeypatch
     assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left on the user's model
 
 
-@needs_loop
-@pytest.mark.parametrize("compile_decode", [False, True])
-def test_bf16_experts_take_rows_times_in_the_batch_1_fast_path(compile_decode, monkeypatch):
-    """A bf16 MoE model whose weights stream from memory (the cache made small here): during engine steps its
-    stacked experts are marked for cpu_linear.rows_times, the one-token MoE of the batch-1 path multiplies through
-    it (compiled: through its operator), the greedy tokens equal the engine's without the loop, and the mark is gone
-    after each step."""
+def check_bf16_experts_take_rows_times(monkeypatch, **engine_config) -> None:
+    """A bf16 MoE model whose weights stream from memory (the cache made small here), decoded at batch 1 with
+    cpu_few_row_linears off and on (and `engine_config`): on, its stacked experts are marked for
+    cpu_linear.rows_times during the steps and the gate/up and down products go through it; the greedy tokens are
+    the same; the mark is gone after the steps."""
     from test_generation import tiny_model as tiny_moe_model
 
     monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: 0)
@@ -285,12 +283,21 @@ def test_bf16_experts_take_rows_times_in_the_batch_1_fast_path(compile_decode, m
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     outs = {}
     for on in (False, True):
-        engine = Engine(model, config=EngineConfig(max_batch=1, cpu_few_row_linears=on, compile_decode=compile_decode))
+        engine = Engine(model, config=EngineConfig(max_batch=1, cpu_few_row_linears=on, **engine_config))
         outs[on] = engine.generate([[5, 9, 17, 3]], params)[0].token_ids
-    assert outs[True] == outs[False] and len(experts) == len(engine._weights._experts) > 0
+        assert len(getattr(engine._weights, "_experts", [])) == (len(experts) if on else 0)
+    assert outs[True] == outs[False] and experts
     dim, hidden = experts[0].w_gate.shape[1:]
     assert {(dim, hidden), (hidden, dim)} == set(calls)  # gate/up and down products, every decode step
     assert all("few_row_matmul" not in m.__dict__ for m in experts)
+
+
+@needs_loop
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_bf16_experts_take_rows_times_in_the_batch_1_fast_path(compile_decode, monkeypatch):
+    """The one-token MoE of the batch-1 path multiplies bf16 experts through rows_times (compiled: through its
+    operator) while FewRowLinears marks them."""
+    check_bf16_experts_take_rows_times(monkeypatch, compile_decode=compile_decode)
 
 
 def test_engine_keeps_torch_products_where_the_loop_is_missing(monkeypatch):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mmr1.engine import Engine, EngineConfig, SamplingParams, cpu_linear
 from mmr1.engine.prepack import PrepackedLinears, available
+from test_cpu_linear import check_bf16_experts_take_rows_times
 from test_generation import tiny_model
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear packing")
@@ -56,6 +57,13 @@ def test_few_rows_take_the_loop_and_more_rows_the_packed_weight():
     off = Engine(model, config=EngineConfig(max_batch=1, cpu_prepacked_weights=True, cpu_few_row_linears=False))
     off.generate([list(range(3, 23))], SamplingParams(max_new_tokens=6, ignore_eos=True))
     assert off._weights.loop_calls == 0 and off._weights.packed_calls > 0
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason="no AVX-512 loop here: experts keep torch's products")
+def test_packed_weights_with_few_rows_send_bf16_experts_to_rows_times(monkeypatch):
+    """With `few_rows` the packed weights also mark bf16 stacked experts (not nn.Linear layers) for the batch-1
+    path's one-token MoE, as FewRowLinears does."""
+    check_bf16_experts_take_rows_times(monkeypatch, cpu_prepacked_weights=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

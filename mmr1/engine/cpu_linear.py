@@ -338,6 +338,30 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
+def loop_experts(backbones: list[nn.Module], streams: bool) -> list[GroupedExperts]:
+    """The bf16 CPU stacked experts (h @ w[e], (in, out) weights) of `backbones` whose one-token products should run
+    on rows_times: all of them when the weights stream from memory (`streams`), else those whose expert weights
+    are CACHED_MIN_BYTES or more. torch's bf16 matmul read this layout at 9-11 GB/s here, the loop at about 3x that;
+    fp32 experts keep torch's (MKL's one-row product of this layout is already fast)."""
+    if _rows_times_function() is None:
+        return []
+    return [m for b in backbones for m in b.modules() if isinstance(m, GroupedExperts)
+            and m.w_gate.dtype == torch.bfloat16 and m.w_gate.device.type == "cpu"
+            and (streams or m.w_gate[0].numel() * 2 >= CACHED_MIN_BYTES)]
+
+
+def mark_experts(experts: list[GroupedExperts]) -> None:
+    """While marked, the batch-1 path's one-token MoE (mmr1.engine.solo._moe_one) multiplies these experts through
+    rows_times (compiled: its operator)."""
+    for m in experts:
+        m.__dict__["few_row_matmul"] = rows_times
+
+
+def unmark_experts(experts: list[GroupedExperts]) -> None:
+    for m in experts:
+        m.__dict__.pop("few_row_matmul", None)
+
+
 class FewRowLinears:
     """`with FewRowLinears(model, draft):` runs the plain fp32 / bf16 CPU nn.Linear layers of the given modules'
     backbones on the loop whenever they are fed few rows (ROW_LIMITS); every other call and module runs as it
@@ -363,13 +387,7 @@ class FewRowLinears:
                 fp32_from_cache = weight.dtype == torch.float32 and not self.streams
                 forward = _few_row_forward(layer, 2 if fp32_from_cache else 1, ROW_LIMITS[weight.dtype])
                 self._layers.append((layer, forward))
-        # bf16 stacked experts (h @ w[e], (in, out) weights): the batch-1 fast path's one-token MoE
-        # (mmr1.engine.solo._moe_one) multiplies through rows_times while the step runs -- torch's bf16 matmul read
-        # them at 9-11 GB/s here, the loop at about 3x that. fp32 experts keep torch's (MKL's one-row product of this
-        # layout is already fast).
-        self._experts = [m for b in backbones for m in b.modules() if isinstance(m, GroupedExperts)
-                         and m.w_gate.dtype == torch.bfloat16 and m.w_gate.device.type == "cpu"
-                         and (self.streams or m.w_gate[0].numel() * 2 >= CACHED_MIN_BYTES)]
+        self._experts = loop_experts(backbones, self.streams)
 
     def __len__(self) -> int:
         return len(self._layers) + len(self._experts)
@@ -377,12 +395,10 @@ class FewRowLinears:
     def __enter__(self) -> "FewRowLinears":
         for layer, forward in self._layers:
             layer.__dict__["forward"] = forward  # an instance attribute, found before nn.Linear.forward
-        for experts in self._experts:
-            experts.__dict__["few_row_matmul"] = rows_times
+        mark_experts(self._experts)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for layer, _ in self._layers:
             layer.__dict__.pop("forward", None)
-        for experts in self._experts:
-            experts.__dict__.pop("few_row_matmul", None)
+        unmark_experts(self._experts)

@@ -18,7 +18,9 @@ grad-enabled calls take the plain op (the packed one has no backward).
 
 With `few_rows` (the engine passes EngineConfig.cpu_few_row_linears) products of at most cpu_linear.ROW_LIMITS rows
 go to mmr1.engine.cpu_linear's loop instead, which reads the weight faster than oneDNN's packed product for those
-(batch-1 decoding of the 137 MB bf16 model: benchmarks/results/prepack.md); larger ones take the packed weight.
+(batch-1 decoding of the 137 MB bf16 model: benchmarks/results/prepack.md); larger ones take the packed weight. bf16
+MoE experts (stacked weights, not nn.Linear) are marked for cpu_linear.rows_times in the batch-1 path, as
+cpu_linear.FewRowLinears does.
 """
 from __future__ import annotations
 
@@ -76,13 +78,19 @@ class PrepackedLinears:
             raise RuntimeError("cpu_prepacked_weights: this torch build has no oneDNN linear packing "
                                "(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._reorder_linear_weight)")
         self._layers: list[_Packed] = []
-        for model in models:
-            backbone = getattr(model, "backbone", model)  # a MultimodalR1's encoders run in their own threads
-            for layer in (backbone.modules() if backbone is not None else ()):
-                w = getattr(layer, "weight", None)
-                if type(layer) is nn.Linear and w.device.type == "cpu" and w.dtype in PACKED_DTYPES:
-                    loop = few_rows and cpu_linear.available(w.dtype)
-                    self._layers.append(_Packed(layer, cpu_linear.ROW_LIMITS[w.dtype] if loop else 0))
+        # a MultimodalR1's encoders run in their own threads: its backbone only
+        backbones = [b for b in (getattr(m, "backbone", m) for m in models if m is not None) if b is not None]
+        for layer in (layer for b in backbones for layer in b.modules()):
+            w = getattr(layer, "weight", None)
+            if type(layer) is nn.Linear and w.device.type == "cpu" and w.dtype in PACKED_DTYPES:
+                loop = few_rows and cpu_linear.available(w.dtype)
+                self._layers.append(_Packed(layer, cpu_linear.ROW_LIMITS[w.dtype] if loop else 0))
+        # bf16 stacked experts are not nn.Linear layers: with `few_rows` the batch-1 path's one-token MoE multiplies
+        # them through cpu_linear.rows_times, as under cpu_linear.FewRowLinears.
+        self._experts = []
+        if few_rows and cpu_linear.available():
+            model_bytes = sum(p.numel() * p.element_size() for b in backbones for p in b.parameters())
+            self._experts = cpu_linear.loop_experts(backbones, model_bytes > cpu_linear.last_level_cache_bytes())
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -100,8 +108,10 @@ class PrepackedLinears:
     def __enter__(self) -> "PrepackedLinears":
         for p in self._layers:
             p.layer.forward = p.forward  # an instance attribute: found before nn.Linear.forward
+        cpu_linear.mark_experts(self._experts)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for p in self._layers:
             p.layer.__dict__.pop("forward", None)
+        cpu_linear.unmark_experts(self._experts)
