@@ -34,6 +34,15 @@ def write_distribution(site_dir: Path, dist_name: str, entry_points: dict[str, d
     return dist_info
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cli_argv_of_its_own():
+    """Tests call the CLI with explicit args; pytest's own flags (`-q`) must not be in sys.argv then, or
+    LightningCLI warns that it got both. Session-wide, so module fixtures that train see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", sys.argv[:1])
+        yield
+
+
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """The encoder registry as it is now; whatever the test registers is forgotten afterwards."""
