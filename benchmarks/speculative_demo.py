@@ -44,14 +44,16 @@ def workloads(data: Path, tokenizer, n: int) -> dict[str, tuple[list, SamplingPa
             "text": (continuations, SamplingParams(max_new_tokens=24))}
 
 
-def run_setups(target, tokenizer, draft, requests, params, k: int, repeats: int, short_k: int = 4) -> dict:
+def run_setups(target, tokenizer, draft, requests, params, k: int, repeats: int, short_k: int = 4,
+               compile_decode: bool = False) -> dict:
     setups = {"plain": (None, None), "draft": (SpeculativeConfig("draft", k), draft),
               "prompt_lookup": (SpeculativeConfig("ngram", k), None),
               # every step drafts k tokens whatever the acceptance (the adaptive length is the default)
               "draft_fixed": (SpeculativeConfig("draft", k, adaptive=False), draft),
               # the engine's default draft length, for comparison with the longer headline one
               "draft_short": (SpeculativeConfig("draft", short_k), draft)}
-    engines = {name: Engine(target, tokenizer, EngineConfig(max_batch=1, speculative=spec), draft=d)
+    engines = {name: Engine(target, tokenizer, EngineConfig(max_batch=1, speculative=spec,
+                                                            compile_decode=compile_decode), draft=d)
                for name, (spec, d) in setups.items()}
     outputs, times = {}, {name: [] for name in engines}
     for name, engine in engines.items():  # warm-up

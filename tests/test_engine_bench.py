@@ -105,3 +105,18 @@ def test_cpu_linear_benchmark_quick_run(tmp_path):
         (name, compiled) for name in families for compiled in (False, True)]
     # fp32 greedy decoding is unchanged by the loop (bf16 results may round the other way: see the benchmark)
     assert all(d["same_tokens"] for d in result["decoding"] if "bf16" not in d["family"])
+
+
+@pytest.mark.slow
+def test_speculative_compiled_benchmark_quick_run(tmp_path):
+    """Eager and compile_decode runs of each method; every method's greedy tokens equal plain decoding's in the same
+    mode."""
+    from benchmarks.speculative_compiled import main
+
+    result = quick_run(main, tmp_path / "spec")
+    rows = json.loads((tmp_path / "spec.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == [r["method"] for r in result["rows"]] == \
+        ["plain", "prompt_lookup", "draft_first_layer"]
+    assert all(r["identical"] and r["eager_tok_s"] > 0 and r["compiled_tok_s"] > 0 for r in rows)
+    assert rows[0]["eager_vs_plain"] == rows[0]["compiled_vs_plain"] == 1.0
+    assert "| engine.md item 3, looping | prompt_lookup |" in (tmp_path / "spec.md").read_text()

@@ -56,6 +56,55 @@ def test_compiled_decode_equals_single_request_greedy():
     eng.check_no_leaks()
 
 
+def test_compiled_speculative_decoding_equals_plain_greedy():
+    """compile_decode with a draft model: the target's verification steps (1 + 4 drafts) and the draft's own steps
+    run on compiled graphs too -- one per model for single tokens, one for every longer feed (its length dynamic)
+    -- and the greedy tokens equal plain greedy decoding."""
+    from mmr1.engine import SpeculativeConfig
+    from mmr1.engine.solo import COMPILED_MAX_TOKENS
+    from mmr1.engine.speculative import truncated_draft
+
+    counters.clear()
+    model = tiny_model()
+    spec = SpeculativeConfig("draft", 4, adaptive=False)  # every round drafts 4: verification feeds 5 tokens
+    eng = Engine(model, config=EngineConfig(block_size=4, max_batch=1, compile_decode=True, speculative=spec),
+                 draft=truncated_draft(model, 1))
+    assert eng._compiled_max_tokens == eng.draft.compiled_max_tokens == COMPILED_MAX_TOKENS
+    lengths = {"target": [], "draft": []}
+
+    def counted(name, step):
+        def run(*args, **kwargs):
+            lengths[name].append(len(args[3]))  # tokens (L,)
+            return step(*args, **kwargs)
+        return run
+    eng._compiled_step = counted("target", eng._compiled_step)
+    eng.draft.compiled_step = counted("draft", eng.draft.compiled_step)
+    requests = [(PROMPTS[0], 12), (PROMPTS[2], 20), (PROMPTS[1], 16)]
+    outs = [eng.generate([{"prompt": p, "sampling": SamplingParams(max_new_tokens=n)}])[0].token_ids
+            for p, n in requests]
+    assert outs == [reference(model, p, n, None) for p, n in requests]
+    assert 5 in lengths["target"] and 1 in lengths["draft"] and eng.stats["drafted"] > 0
+    assert counters["stats"]["unique_graphs"] <= 4  # target and draft: single tokens, and longer feeds
+
+
+def test_compiled_feed_limit_follows_the_every_expert_budget():
+    """Longer feeds compile only while every MoE layer runs them through all its experts (tensor ops only): dense
+    models and tiny experts up to COMPILED_MAX_TOKENS, mid-sized experts up to the work budget, large ones never."""
+    from mmr1.backbone import R1Model
+    from mmr1.config import MoEConfig, R1Config
+    from mmr1.engine.solo import COMPILED_MAX_TOKENS, compiled_feed_limit
+
+    def model(expert_hidden=None):
+        moe = None if expert_hidden is None else MoEConfig(num_experts=8, num_groups=4, topk_groups=2, top_k=2,
+                                                           expert_hidden=expert_hidden)
+        return R1Model(R1Config(vocab_size=64, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                                max_seq_len=32, moe=moe))
+    assert compiled_feed_limit(model()) == compiled_feed_limit(tiny_model()) == COMPILED_MAX_TOKENS
+    assert compiled_feed_limit(model(expert_hidden=64)) == 16  # 8 x 128 x 64 weights: 16 tokens of work
+    assert compiled_feed_limit(model(expert_hidden=128)) == 8
+    assert compiled_feed_limit(model(expert_hidden=256)) == 1  # larger than the every-expert path takes
+
+
 @pytest.mark.parametrize("variant", [
     {},  # softmax, top-2, one shared expert
     {"score_func": "sigmoid", "aux_free_bias": True, "shared_expert_gate": True, "route_scale": 2.5},

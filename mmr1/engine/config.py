@@ -98,7 +98,8 @@ class EngineConfig:
     encoder_max_batch: int = 16
     speculative: Optional[SpeculativeConfig] = None
     # torch.compile the batch-1 decode step (gpt-fast style; full-attention models in model-dtype KV). The first
-    # decode step compiles (seconds to tens of seconds on CPU); later ones run the fused graph.
+    # decode step compiles (seconds to tens of seconds on CPU); later ones run the fused graph. With `speculative`,
+    # verification steps and the draft model's steps are compiled too (models whose MoE layers allow it).
     compile_decode: bool = False
     # One forward per step over every row's tokens packed end to end (mmr1/engine/packed.py) where the model allows
     # it (all self-attention layers full causal); False runs padded groups, the path sliding/hybrid models take.

@@ -35,7 +35,7 @@ from mmr1.engine.packed import packable
 from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forward_paged, fuse_one
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
-from mmr1.engine.solo import SoloCache, compile_solo_step, solo_eligible, solo_forward
+from mmr1.engine.solo import SoloCache, compile_solo_step, compiled_feed_limit, solo_eligible, solo_forward
 from mmr1.engine.speculative import DraftLength, DraftModel, cut_after_end, ngram_propose, verify
 from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
@@ -103,6 +103,13 @@ class Engine:
             decode_attention.supported(self.pool)  # builds the CPU decode loop now (once), not in the first step
         self._solo: SoloCache | None = None
         self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
+        # Speculative verification feeds 1 + drafts tokens: compiled too where the model allows (prompt chunks stay
+        # eager, as in a plain engine).
+        self._compiled_max_tokens = (compiled_feed_limit(self.backbone)
+                                     if self._compiled_step and self.cfg.speculative is not None else 1)
+        if self.draft is not None and self.cfg.compile_decode and self.draft._solo_ok:  # the draft's steps too
+            self.draft.compiled_step = self._compiled_step or compile_solo_step()
+            self.draft.compiled_max_tokens = compiled_feed_limit(self.draft.model)
         self._weights = contextlib.nullcontext()  # what every step runs under: packed CPU weights, or nothing
         if self.cfg.cpu_prepacked_weights:
             if self.device.type != "cpu":
@@ -319,7 +326,7 @@ class Engine:
             self._flush_solo()
             solo = self._solo = SoloCache(seq.id, self.backbone, self.pool, seq.blocks, seq.num_cached)
         logits = solo_forward(self.backbone, solo, self._feed(row), seq.cross_kv, self._compiled_step,
-                              tail=_sampled(row))
+                              tail=_sampled(row), compiled_max_tokens=self._compiled_max_tokens if row.drafts else 1)
         touched = [seq.id] if self._advance(row, logits, in_pool=False) else []
         if seq.finished:
             self._solo = None

@@ -6,7 +6,9 @@ per-step bookkeeping -- block tables, key masks, per-layer page gathers of the w
 protocol. Here the lone request keeps a contiguous copy of its K/V (1, Hkv, capacity, Dh) per layer, writes each
 new token in place and attends over the buffer under a position mask. With `EngineConfig.compile_decode` the
 single-token step is one torch.compile graph (gpt-fast's recipe: its shapes never depend on the position, so one
-graph serves every step and torch.compile fuses the dozens of small ops around the matmuls). The paged pool stays
+graph serves every step and torch.compile fuses the dozens of small ops around the matmuls). With speculative
+decoding, a verification's 1 + k tokens and a draft model's own steps run compiled as well (compiled_feed_limit):
+one more graph per model, its feed length dynamic (benchmarks/results/speculative_compiled.md). The paged pool stays
 the source of truth for everyone else: `flush` writes the tokens decoded here back into the request's blocks
 before any general forward runs, so switching between the paths is exact.
 
@@ -255,10 +257,12 @@ def solo_step(model: R1Model, keys: list[torch.Tensor], values: list[torch.Tenso
 
 @torch.inference_mode()
 def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dict | None,
-                 compiled_step=None, tail: int | None = None) -> torch.Tensor:
+                 compiled_step=None, tail: int | None = None, compiled_max_tokens: int = 1) -> torch.Tensor:
     """Feed `tokens` (a decode token, + speculative drafts, or a prompt chunk) at positions cache.length, ...;
     returns their logits (L, V) -- or only the last `tail` tokens' -- and appends their K/V to the cache.
-    `compiled_step`: torch.compile(solo_step), used for single-token steps (EngineConfig.compile_decode)."""
+    `compiled_step`: torch.compile(solo_step) (EngineConfig.compile_decode), used for feeds of up to
+    `compiled_max_tokens` tokens (compiled_feed_limit): single tokens in one graph, 2.. in another whose length is
+    dynamic (speculative verification, a draft catching up)."""
     pos, L = cache.length, len(tokens)
     if pos + L > model.cfg.max_seq_len:
         raise ValueError(f"R1Model: {pos + L} positions exceed max_seq_len={model.cfg.max_seq_len}")
@@ -266,7 +270,10 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
     device = cache.keys[0].device
     args = (model, cache.keys, cache.values, torch.tensor(tokens, device=device),
             torch.arange(pos, pos + L, device=device), cross)
-    if compiled_step is not None and L == 1:
+    if compiled_step is not None and L <= compiled_max_tokens:
+        if L > 1:  # one graph for every length 2..compiled_max_tokens
+            torch._dynamo.maybe_mark_dynamic(args[3], 0)
+            torch._dynamo.maybe_mark_dynamic(args[4], 0)
         logits = compiled_step(*args, traced=True)
         logits = logits if tail is None else logits[L - tail:]
     else:
@@ -275,7 +282,23 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
     return logits
 
 
-RECOMPILE_LIMIT = 64  # dynamo graphs of solo_step per process (compile_solo_step)
+# The longest feed a compiled step may take besides single tokens: speculative verification (1 + drafts) and a
+# draft catching up; longer prompt chunks run eagerly (their matmuls dominate).
+COMPILED_MAX_TOKENS = 16
+RECOMPILE_LIMIT = 64
+
+
+def compiled_feed_limit(model: R1Model) -> int:
+    """The longest feed compile_decode's graphs take for `model`: up to COMPILED_MAX_TOKENS while every MoE layer
+    runs that many tokens through all its experts (_moe_every_expert: tensor ops only, so one graph serves every
+    length); else 1. The few-token path reads expert ids on the host and the general layer sorts and counts tokens:
+    traced, both break the graph, and with the Mixtral-shaped model compiled verification was slower than eager."""
+    limit = COMPILED_MAX_TOKENS
+    for block in model.layers:
+        if isinstance(block.ffn, MoEFeedForward):
+            while limit > 1 and not every_expert_path(block.ffn, limit):
+                limit -= 1
+    return limit  # dynamo graphs of solo_step per process (compile_solo_step)
 
 
 def compile_solo_step():

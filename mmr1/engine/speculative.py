@@ -130,6 +130,8 @@ class DraftModel:
         self.pool = PagedKVPool.for_model(model.cfg, num_blocks, block_size, dtype, "model", device)
         self._solo_ok = solo_eligible(model, "model")
         self._solo: SoloCache | None = None
+        # EngineConfig.compile_decode: a compiled solo_step for a lone request's feeds of up to compiled_max_tokens
+        self.compiled_step, self.compiled_max_tokens = None, 1
         # Rows catch up different numbers of tokens (a new request: its whole prompt): pack them when possible.
         self._packed = packable(model)
 
@@ -153,7 +155,10 @@ class DraftModel:
             args = ([feeds[i] for i in rows], [seqs[i].draft_cached for i in rows],
                     [seqs[i].draft_blocks for i in rows], [seqs[i].draft_cross_kv for i in rows])
             if solo is not None:  # each row's last-token logits: lasts[r] (V,)
-                lasts = solo_forward(self.model, solo, args[0][0], args[3][0], tail=1)
+                # compiled: single tokens, and catching up on accepted tokens (not a new request's prompt)
+                longest = self.compiled_max_tokens if step or seqs[live[0]].draft_cached else 1
+                lasts = solo_forward(self.model, solo, args[0][0], args[3][0], self.compiled_step, tail=1,
+                                     compiled_max_tokens=longest)
             elif self._packed:
                 lasts = [t[-1] for t in forward_packed(self.model, self.pool, *args, tails=[1] * len(rows))]
             else:  # right-padded (B, L, V)
