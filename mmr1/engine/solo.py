@@ -285,7 +285,7 @@ def solo_forward(model: R1Model, cache: SoloCache, tokens: list[int], cross: dic
 # The longest feed a compiled step may take besides single tokens: speculative verification (1 + drafts) and a
 # draft catching up; longer prompt chunks run eagerly (their matmuls dominate).
 COMPILED_MAX_TOKENS = 16
-RECOMPILE_LIMIT = 64
+RECOMPILE_LIMIT = 64  # dynamo graphs of solo_step per process (compile_solo_step)
 
 
 def compiled_feed_limit(model: R1Model) -> int:
@@ -298,7 +298,7 @@ def compiled_feed_limit(model: R1Model) -> int:
         if isinstance(block.ffn, MoEFeedForward):
             while limit > 1 and not every_expert_path(block.ffn, limit):
                 limit -= 1
-    return limit  # dynamo graphs of solo_step per process (compile_solo_step)
+    return limit
 
 
 def compile_solo_step():
