@@ -248,25 +248,40 @@ def ideal_steps(outputs: list[int], max_batch: int) -> dict:
 def speculative(new_tokens: int, repeats: int) -> dict:
     """Two random-weight targets (6 layers): the default init, whose greedy output falls into loops (the easy case
     for drafts), and a high-variance init (std 0.3) whose output keeps changing (the hard case)."""
-    res = {}
-    for target, std in (("looping", None), ("varied", 0.3)):
-        model = serving_model(seed=3, n_layers=6)
-        if std is not None:
-            model.init_weights(std=std)
-        res[target] = speculative_on(model, new_tokens, repeats)
-    return res
+    return {target: speculative_on(speculative_target(target), new_tokens, repeats) for target in SPECULATIVE_TARGETS}
+
+
+SPECULATIVE_TARGETS = {"looping": None, "varied": 0.3}  # target -> init std (None: the default init)
+
+
+def speculative_target(name: str, n_layers: int = 6) -> R1Model:
+    model = serving_model(seed=3, n_layers=n_layers)
+    if SPECULATIVE_TARGETS[name] is not None:
+        model.init_weights(std=SPECULATIVE_TARGETS[name])
+    return model
+
+
+def speculative_requests(n: int, new_tokens: int) -> tuple[list[list[int]], SamplingParams]:
+    """n random 24-token prompts and greedy sampling of new_tokens (eos ignored)."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2048) for _ in range(24)] for _ in range(n)]
+    return prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+
+
+def speculative_setups(model: R1Model) -> dict:
+    """name -> (SpeculativeConfig or None, draft model or None): plain decoding, prompt lookup and the target's
+    first layer as the draft, adaptive and fixed draft lengths."""
+    draft = truncated_draft(model, 1)
+    return {"plain": (None, None), "prompt_lookup": (SpeculativeConfig("ngram", 4), None),
+            "draft_first_layer": (SpeculativeConfig("draft", 4), draft),
+            # the same with every request drafting 4 tokens whatever its acceptance (SpeculativeConfig.adaptive)
+            "prompt_lookup_fixed": (SpeculativeConfig("ngram", 4, adaptive=False), None),
+            "draft_first_layer_fixed": (SpeculativeConfig("draft", 4, adaptive=False), draft)}
 
 
 def speculative_on(model: R1Model, new_tokens: int, repeats: int) -> dict:
-    rng = random.Random(5)
-    prompts = [[rng.randrange(2048) for _ in range(24)] for _ in range(repeats)]
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    draft = truncated_draft(model, 1)
-    setups = {"plain": (None, None), "prompt_lookup": (SpeculativeConfig("ngram", 4), None),
-              "draft_first_layer": (SpeculativeConfig("draft", 4), draft),
-              # the same with every request drafting 4 tokens whatever its acceptance (SpeculativeConfig.adaptive)
-              "prompt_lookup_fixed": (SpeculativeConfig("ngram", 4, adaptive=False), None),
-              "draft_first_layer_fixed": (SpeculativeConfig("draft", 4, adaptive=False), draft)}
+    prompts, params = speculative_requests(repeats, new_tokens)
+    setups = speculative_setups(model)
     res, baseline = {}, None
     for name, (spec, draft) in setups.items():
         engine = Engine(model, config=EngineConfig(max_batch=1, speculative=spec), draft=draft)

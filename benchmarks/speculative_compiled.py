@@ -10,7 +10,7 @@ at once, and a draft model's steps run through its own fast path, so both stay e
 up plain decoding more than speculative decoding. Each case runs its methods eager and compiled, and reports the
 speed-up over plain decoding in the same mode, and over eager plain decoding.
 
-Cases: engine.md item 3's two 6-layer targets and prompts (as benchmarks/engine_cases.speculative_on: prompt lookup
+Cases: engine.md item 3's two 6-layer targets and prompts (benchmarks/engine_cases.speculative_setups: prompt lookup
 and a draft made of the target's first layer, up to 4 drafted tokens) and, with --demo, the trained demo target and
 draft on speculative_demo.py's text workload (up to 8 drafted tokens; its run_setups asserts identical outputs).
 All engines of a case alternate in each round; tok/s from the median round. Greedy outputs of every method are
@@ -19,7 +19,6 @@ compared with plain decoding in the same mode ("same tokens").
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -27,28 +26,22 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine_cases import serving_model
+from benchmarks.engine_cases import SPECULATIVE_TARGETS, speculative_requests, speculative_setups, speculative_target
 from benchmarks.report import machine_info, publish
-from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig
-from mmr1.engine.speculative import truncated_draft
+from mmr1.engine import Engine, EngineConfig
 
 MODES = {"eager": False, "compiled": True}
 
 
 def item3_targets(new_tokens: int, repeats: int, rounds: int, quick: bool) -> list[dict]:
-    """engine.md item 3's targets and prompts (engine_cases.speculative_on), every method in both modes, the engines
-    alternating in each round (median of the rounds)."""
+    """engine.md item 3's targets, prompts and methods (engine_cases.speculative_*), every method in both modes, the
+    engines alternating in each round (median of the rounds)."""
     rows = []
-    for target, std in (("looping", None),) if quick else (("looping", None), ("varied", 0.3)):
-        model = serving_model(seed=3, n_layers=2 if quick else 6)
-        if std is not None:
-            model.init_weights(std=std)
-        rng = random.Random(5)
-        prompts = [[rng.randrange(2048) for _ in range(24)] for _ in range(repeats)]
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        draft = truncated_draft(model, 1)
-        methods = {"plain": (None, None), "prompt_lookup": (SpeculativeConfig("ngram", 4), None),
-                   "draft_first_layer": (SpeculativeConfig("draft", 4), draft)}
+    for target in ("looping",) if quick else SPECULATIVE_TARGETS:
+        model = speculative_target(target, n_layers=2 if quick else 6)
+        prompts, params = speculative_requests(repeats, new_tokens)
+        methods = {name: setup for name, setup in speculative_setups(model).items()
+                   if name in ("plain", "prompt_lookup", "draft_first_layer")}
         engines = {(method, mode): Engine(model, config=EngineConfig(max_batch=1, speculative=spec,
                                                                      compile_decode=compiled), draft=d)
                    for method, (spec, d) in methods.items() for mode, compiled in MODES.items()}

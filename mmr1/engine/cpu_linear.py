@@ -338,6 +338,18 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
+def serving_backbones(*models: nn.Module | None) -> list[nn.Module]:
+    """The backbones an engine step runs for these models (target, draft; None skipped): a MultimodalR1's encoders
+    run in their own threads, so only its backbone."""
+    return [b for b in (getattr(m, "backbone", m) for m in models if m is not None) if b is not None]
+
+
+def parameter_bytes(backbones: list[nn.Module]) -> int:
+    """What the backbones' parameters take; more than last_level_cache_bytes() means a step streams them from
+    memory."""
+    return sum(p.numel() * p.element_size() for b in backbones for p in b.parameters())
+
+
 def loop_experts(backbones: list[nn.Module], streams: bool) -> list[GroupedExperts]:
     """The bf16 CPU stacked experts (h @ w[e], (in, out) weights) of `backbones` whose one-token products should run
     on rows_times: all of them when the weights stream from memory (`streams`), else those whose expert weights
@@ -372,14 +384,13 @@ class FewRowLinears:
             raise RuntimeError("FewRowLinears: the CPU few-row linear loop is not available here (it needs AVX-512, "
                                "a C compiler and PyTorch's GNU OpenMP)")
         self._layers: list[tuple[nn.Linear, Any]] = []
-        # a MultimodalR1's encoders run in their own threads: its backbone only
-        backbones = [b for b in (getattr(m, "backbone", m) for m in models if m is not None) if b is not None]
-        self.model_bytes = sum(p.numel() * p.element_size() for b in backbones for p in b.parameters())
+        backbones = serving_backbones(*models)
         layers = [layer for b in backbones for layer in b.modules() if type(layer) is nn.Linear
                   and layer.weight.device.type == "cpu" and available(layer.weight.dtype)]
-        # Whether a step reads the weights from memory: the models' parameters exceed the last-level cache. Then every
-        # product of up to its dtype's row limit takes the loop; otherwise only those with a weight of
-        # CACHED_MIN_BYTES or more, and for fp32 only from 2 rows (see the module's docstring).
+        # Weights read from memory at every step: every product of up to its dtype's row limit takes the loop;
+        # otherwise only those with a weight of CACHED_MIN_BYTES or more, and for fp32 only from 2 rows (see the
+        # module's docstring).
+        self.model_bytes = parameter_bytes(backbones)
         self.streams = self.model_bytes > last_level_cache_bytes()
         for layer in layers:
             weight = layer.weight

@@ -78,8 +78,7 @@ class PrepackedLinears:
             raise RuntimeError("cpu_prepacked_weights: this torch build has no oneDNN linear packing "
                                "(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._reorder_linear_weight)")
         self._layers: list[_Packed] = []
-        # a MultimodalR1's encoders run in their own threads: its backbone only
-        backbones = [b for b in (getattr(m, "backbone", m) for m in models if m is not None) if b is not None]
+        backbones = cpu_linear.serving_backbones(*models)
         for layer in (layer for b in backbones for layer in b.modules()):
             w = getattr(layer, "weight", None)
             if type(layer) is nn.Linear and w.device.type == "cpu" and w.dtype in PACKED_DTYPES:
@@ -89,8 +88,8 @@ class PrepackedLinears:
         # them through cpu_linear.rows_times, as under cpu_linear.FewRowLinears.
         self._experts = []
         if few_rows and cpu_linear.available():
-            model_bytes = sum(p.numel() * p.element_size() for b in backbones for p in b.parameters())
-            self._experts = cpu_linear.loop_experts(backbones, model_bytes > cpu_linear.last_level_cache_bytes())
+            streams = cpu_linear.parameter_bytes(backbones) > cpu_linear.last_level_cache_bytes()
+            self._experts = cpu_linear.loop_experts(backbones, streams)
 
     def __len__(self) -> int:
         return len(self._layers)

@@ -116,7 +116,7 @@ def _moe_one(ffn: MoEFeedForward, h: torch.Tensor, traced: bool = False) -> torc
     depend on which experts were chosen and still selects views instead of copying the experts' weights."""
     weights, indices = _route_one(ffn.router, h)  # (1, k)
     w = ffn.experts
-    # bf16 experts on the CPU during an engine step: cpu_linear's loop (set by cpu_linear.FewRowLinears); traced,
+    # bf16 experts on the CPU during an engine step: cpu_linear's loop (cpu_linear.mark_experts); traced,
     # its operator (the graph cannot trace into ctypes). Eagerly the instance dict is read directly: nn.Module's
     # lookup of a missing attribute raises inside, ~0.8 us a layer.
     if traced:
