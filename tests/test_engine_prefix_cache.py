@@ -221,3 +221,34 @@ def test_a_stop_token_among_accepted_drafts_publishes_only_the_requests_tokens(m
         assert eng.generate([prompt], params)[0].token_ids == ref[:j]
     assert hit_tokens(eng) == 4  # the second request started from the prompt's one full block
     eng.check_no_leaks()
+
+
+def test_the_fast_path_publishes_each_block_as_it_fills_while_requests_wait(monkeypatch):
+    """Batch 1 with another request waiting: the fast path writes its K/V to the pool and publishes it once per
+    block that fills (only full blocks can be shared), not every step; every full block is published by the end
+    of the step that fills it, and the waiting request, admitted later, reuses them and equals generate()."""
+    from mmr1.engine.solo import SoloCache
+    model = tiny_model()
+    eng = Engine(model, config=EngineConfig(block_size=4, max_batch=1))
+    flushes = []
+    real_flush = SoloCache.flush
+    monkeypatch.setattr(SoloCache, "flush", lambda self, *a: flushes.append(self.length) or real_flush(self, *a))
+    prompt = [5, 9, 2, 33, 7]
+    first = eng.add_request(prompt, sampling=SamplingParams(max_new_tokens=14))
+    eng.step()  # prefill alone: nothing waits, nothing is written to the pool yet
+    assert flushes == [] and eng.allocator.num_cached == 0
+    ref = reference(model, prompt, 14)
+    second = eng.add_request(prompt + ref[:9], sampling=SamplingParams(max_new_tokens=3))
+    seq = eng._seqs[first]
+    while not seq.finished:
+        eng.step()
+        if not seq.finished:
+            assert eng.allocator.num_cached == seq.num_cached // 4  # every full block, as soon as it fills
+    # cached positions after each step: 6, 7, ..., 18. At 6 the prompt's block (full since the prefill) goes out,
+    # then each block as it fills (8, 12, 16), and the rest when the request finishes (18)
+    assert flushes == [6, 8, 12, 16, 18]
+    drain(eng)
+    assert eng.output(first).token_ids == ref
+    assert eng.output(second).token_ids == reference(model, prompt + ref[:9], 3)
+    assert hit_tokens(eng) == 12  # 14 prompt tokens: three full blocks of the first request's
+    eng.check_no_leaks()

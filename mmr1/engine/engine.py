@@ -102,13 +102,13 @@ class Engine:
         if self._packed:
             decode_attention.supported(self.pool)  # builds the CPU decode loop now (once), not in the first step
         self._solo: SoloCache | None = None
-        self._compiled_step = compile_solo_step() if self.cfg.compile_decode and self._solo_ok else None
+        self._compiled_step = compile_solo_step(self.device) if self.cfg.compile_decode and self._solo_ok else None
         # Speculative verification feeds 1 + drafts tokens: compiled too where the model allows (prompt chunks stay
         # eager, as in a plain engine).
         self._compiled_max_tokens = (compiled_feed_limit(self.backbone)
                                      if self._compiled_step and self.cfg.speculative is not None else 1)
         if self.draft is not None and self.cfg.compile_decode and self.draft._solo_ok:  # the draft's steps too
-            self.draft.compiled_step = self._compiled_step or compile_solo_step()
+            self.draft.compiled_step = self._compiled_step or compile_solo_step(self.device)
             self.draft.compiled_max_tokens = compiled_feed_limit(self.draft.model)
         self._weights = contextlib.nullcontext()  # what every step runs under: packed CPU weights, or nothing
         if self.cfg.cpu_prepacked_weights:
@@ -332,8 +332,12 @@ class Engine:
             self._solo = None
         else:
             solo.truncate(seq.num_cached)
-            if self.scheduler.waiting and self._caches(seq):
-                self._sync_solo(solo, seq)  # a waiting request may start from these blocks next step
+            # A waiting request may start from this request's blocks next step: publish each one when it fills.
+            # Only full blocks can be shared, and writing every step's tokens to the pool cost a quarter of a
+            # compiled demo step.
+            if (self.scheduler.waiting and self._caches(seq)
+                    and solo.length // self.pool.block_size > solo.synced // self.pool.block_size):
+                self._sync_solo(solo, seq)
         return touched
 
     def _caches(self, seq: Sequence) -> bool:

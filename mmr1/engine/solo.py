@@ -301,14 +301,18 @@ def compiled_feed_limit(model: R1Model) -> int:
     return limit
 
 
-def compile_solo_step():
+def compile_solo_step(device: torch.device | str = "cpu"):
     """torch.compile(solo_step) for single-token steps, with dynamo settings for these calls only (not
     process-wide): capture_scalar_outputs, because expert ids are read inside the graph (.item()), and
     suppress_errors, so a machine where inductor cannot build its kernels (no C++ compiler) logs the failure and
     decodes eagerly instead of failing the request; and a recompile_limit of RECOMPILE_LIMIT: dynamo keeps the
     graphs of one function together, and every engine's model, weight routing (cpu_few_row_linears) and torch
-    thread count is a graph of its own, so torch's default of 8 sent the ninth engine in a process to eager."""
-    compiled = torch.compile(solo_step)
+    thread count is a graph of its own, so torch's default of 8 sent the ninth engine in a process to eager.
+    On the CPU inductor writes the code around its kernels in C++ (cpp_wrapper): its Python wrapper, which makes a
+    tensor view per weight slice and checks sizes on every call, took about 80 us of a 280 us demo decode step
+    (benchmarks/results/speculative_compiled.md)."""
+    cpu = torch.device(device).type == "cpu"
+    compiled = torch.compile(solo_step, options={"cpp_wrapper": True} if cpu else None)
     config = torch._dynamo.config
 
     def step(*args, **kwargs):
