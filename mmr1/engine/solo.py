@@ -302,12 +302,12 @@ def compiled_feed_limit(model: R1Model) -> int:
 
 
 def compile_solo_step(device: torch.device | str = "cpu"):
-    """torch.compile(solo_step) for single-token steps, with dynamo settings for these calls only (not
-    process-wide): capture_scalar_outputs, because expert ids are read inside the graph (.item()), and
-    suppress_errors, so a machine where inductor cannot build its kernels (no C++ compiler) logs the failure and
-    decodes eagerly instead of failing the request; and a recompile_limit of RECOMPILE_LIMIT: dynamo keeps the
-    graphs of one function together, and every engine's model, weight routing (cpu_few_row_linears) and torch
-    thread count is a graph of its own, so torch's default of 8 sent the ninth engine in a process to eager.
+    """torch.compile(solo_step) for single-token steps and the short feeds of compiled_feed_limit, with dynamo settings
+    for these calls only (not process-wide): capture_scalar_outputs, because expert ids are read inside the graph
+    (.item()), and suppress_errors, so a machine where inductor cannot build its kernels (no C++ compiler) logs the
+    failure and decodes eagerly instead of failing the request; and a recompile_limit of RECOMPILE_LIMIT: dynamo
+    keeps the graphs of one function together, and every engine's model, weight routing (cpu_few_row_linears) and
+    torch thread count is a graph of its own, so torch's default of 8 sent the ninth engine in a process to eager.
     On the CPU inductor writes the code around its kernels in C++ (cpp_wrapper): its Python wrapper, which makes a
     tensor view per weight slice and checks sizes on every call, took about 80 us of a 280 us demo decode step
     (benchmarks/results/speculative_compiled.md)."""
