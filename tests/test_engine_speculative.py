@@ -73,6 +73,25 @@ def test_the_target_as_its_own_draft_accepts_everything_in_fewer_steps(monkeypat
     assert paged_drafts == []
 
 
+def test_the_first_drafts_ride_on_the_prompts_forward():
+    """The forward that completes a prompt verifies the request's first drafts too: the target as its own draft
+    takes 5 tokens per target forward from the first one on, so 15 tokens take 3 forwards. A prompt fed in chunks
+    gets its drafts with its last chunk."""
+    model = tiny_model(cross_attn_layers=())
+    prompt, params = MIXED[4], SamplingParams(max_new_tokens=15, ignore_eos=True)
+    plain = Engine(model, config=EngineConfig(max_batch=1)).generate([prompt], params)[0]
+    for chunk in (64, 3):
+        spec = Engine(model, config=EngineConfig(max_batch=1, prefill_chunk=chunk,
+                                                 speculative=SpeculativeConfig("draft", 4, adaptive=False)),
+                      draft=model)
+        out = spec.generate([prompt], params)[0]
+        assert out.token_ids == plain.token_ids
+        prompt_steps = -(-len(prompt) // chunk)
+        assert spec.stats["steps"] == prompt_steps + 2, (chunk, spec.stats)
+        assert spec.stats["drafted"] == spec.stats["accepted"] == 12  # rounds of 4 drafts + the target's token
+        spec.check_no_leaks()
+
+
 def test_multimodal_draft_with_its_own_encoders():
     model = multimodal_model()
     torch.manual_seed(3)
@@ -227,9 +246,10 @@ def test_acceptance_counts_no_draft_past_a_stop_token():
                       draft=model)
         out = spec.generate([MIXED[4]], SamplingParams(max_new_tokens=15, stop_token_ids=[tokens[p]]))[0]
         assert out.token_ids == tokens[:p] and out.finish_reason == "stop"
-        # drafts can have become output tokens 1 .. p - 1 (token 0 comes from the prompt's forward) and the stop:
-        # p at most; the drafts verified beside the stop and after it must not count
-        assert spec.stats["accepted"] <= p, (p, spec.stats)
+        # Every round (the first one on the prompt) verifies 4 drafts, all accepted, and adds the target's own token:
+        # output tokens 4, 9, 14 are not drafts. The count is the drafts among tokens 0 .. p (the stop included);
+        # the drafts verified beside the stop and after it must not count.
+        assert spec.stats["accepted"] == sum(1 for j in range(p + 1) if j % 5 != 4), (p, spec.stats)
         checked += 1
     assert checked >= 3
 

@@ -63,8 +63,8 @@ class SamplingParams:
 
 @dataclass
 class SpeculativeConfig:
-    """Speculative decoding: a draft proposes `num_draft_tokens` per decoding request, the target verifies them
-    in the same forward as the rest of the batch."""
+    """Speculative decoding: a draft proposes up to `num_draft_tokens` per request each step, the target verifies them
+    in the same forward as the rest of the batch; a request's first drafts ride on its prompt's (last) forward."""
 
     method: str = "ngram"  # "ngram" (prompt lookup, no model) | "draft" (a smaller mmr1 model, Engine(draft=...))
     num_draft_tokens: int = 4

@@ -417,10 +417,13 @@ class Engine:
                 seq.prompt_logprobs.append(token_logprobs(logits[i], seq.prompt[target], top))
 
     def _add_drafts(self, rows: list[ScheduledRow]) -> None:
+        """Drafts for every row whose tokens are all in after this step: decode rows, and the last chunk of a
+        prompt, so a request's first drafts are verified by its prompt's forward (one target forward fewer per
+        request; the demo's answers take one or two rounds, benchmarks/results/speculative_demo.md)."""
         spec, max_len = self.cfg.speculative, self.backbone.cfg.max_seq_len
-        decoding = [r for r in rows if r.num_new == 1 and r.completes]
+        drafting = [r for r in rows if r.completes]
         ks = []
-        for r in decoding:
+        for r in drafting:
             seq = r.seq
             room = min(seq.params.max_new_tokens - len(seq.output) - 1, max_len - len(seq.tokens) - 1)
             longest = spec.num_draft_tokens
@@ -429,15 +432,15 @@ class Engine:
                     seq.draft_length = DraftLength(spec.num_draft_tokens)
                 longest = seq.draft_length.next_length()
             ks.append(max(0, min(longest, room)))
-        ends = [end_ids(r.seq.params, self.eos_id) for r in decoding]
+        ends = [end_ids(r.seq.params, self.eos_id) for r in drafting]
         if spec.method == "ngram":
             proposals = [cut_after_end(ngram_propose(r.seq.tokens, k, spec.ngram_max, spec.ngram_min), e) if k else []
-                         for r, k, e in zip(decoding, ks, ends)]
-            probs = [None] * len(decoding)
+                         for r, k, e in zip(drafting, ks, ends)]
+            probs = [None] * len(drafting)
         else:
-            proposals, probs = self.draft.propose([r.seq for r in decoding], ks, ends)
-        for r, drafts, q in zip(decoding, proposals, probs):
-            if drafts and self.scheduler.try_reserve(r.seq, r.seq.num_cached + 1 + len(drafts)):
+            proposals, probs = self.draft.propose([r.seq for r in drafting], ks, ends)
+        for r, drafts, q in zip(drafting, proposals, probs):
+            if drafts and self.scheduler.try_reserve(r.seq, r.seq.num_cached + r.num_new + len(drafts)):
                 r.drafts = drafts
                 r.draft_probs = q
             elif self.draft is not None:  # no room for the drafts: keep only the committed tokens' draft K/V

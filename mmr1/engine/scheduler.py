@@ -1,9 +1,10 @@
 """Iteration-level scheduling (continuous batching) over paged KV memory.
 
 Every step: admit waiting requests while sequences and KV blocks allow; give each running sequence that is
-decoding one token (plus its draft tokens when speculating) and the prefilling ones chunks of their prompt within
-the token budget; when a sequence needs a block and none is free, preempt the newest running sequence (free its
-blocks, put it back at the head of the queue to be recomputed later: never dropped).
+decoding one token and the prefilling ones chunks of their prompt within the token budget (a speculating engine
+adds drafts to the rows whose tokens are then all in); when a sequence needs a block and none is free, preempt the
+newest running sequence (free its blocks, put it back at the head of the queue to be recomputed later: never
+dropped).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class QueueFullError(RuntimeError):
 class ScheduledRow:
     seq: Sequence
     num_new: int  # committed tokens fed this step: tokens[num_cached : num_cached + num_new]
-    drafts: list[int] = field(default_factory=list)  # speculative tokens fed after them (decode rows only)
+    drafts: list[int] = field(default_factory=list)  # speculative tokens fed after them (rows that complete)
     draft_probs: list | None = None  # the draft model's distribution for each draft (None: prompt lookup)
 
     @property
