@@ -16,14 +16,13 @@ import contextlib
 import dataclasses
 import itertools
 import threading
-from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 
 from fusion.queues import ModalityQueues
 from mmr1.backbone import R1Model
-from mmr1.engine import cpu_linear, decode_attention, fronts
+from mmr1.engine import admission, cpu_linear, decode_attention, fronts
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.encoding_cache import EncodingCache, files_key
@@ -32,11 +31,11 @@ from mmr1.engine.prefix_cache import modality_key
 from mmr1.engine.prepack import PrepackedLinears
 from mmr1.engine.requests import checked_prompt_ids
 from mmr1.engine.packed import packable
-from mmr1.engine.runner import cross_kv_for, encode_inline, forward_packed, forward_paged, fuse_one
+from mmr1.engine.runner import forward_packed, forward_paged
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, compiled_feed_limit, solo_eligible, solo_forward
-from mmr1.engine.speculative import DraftLength, DraftModel, cut_after_end, ngram_propose, verify
+from mmr1.engine.speculative import DraftModel, add_drafts, verify
 from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
 
@@ -265,15 +264,17 @@ class Engine:
         """One iteration: admit, run decode + prefill chunks in one forward, sample, retire. Returns the ids of
         requests that produced tokens or finished."""
         with self._lock, self._weights:
-            self._collect_encoded()
+            admission.collect_encoded(self.scheduler, self.multimodal, self.draft_multimodal)
             for seq in self.scheduler.admit():
-                self._on_admit(seq)
+                admission.prepare_admitted(seq, self.scheduler, self.backbone, self.multimodal,
+                                           self.draft.model if self.draft else None, self.draft_multimodal)
             rows = self.scheduler.schedule()
             if not rows:
-                self._wait_for_encoders()
+                admission.wait_for_encoders(self.scheduler)
                 return []
             if self.cfg.speculative is not None:
-                self._add_drafts(rows)
+                add_drafts(rows, self.cfg.speculative, self.draft, self.scheduler, self.eos_id,
+                           self.backbone.cfg.max_seq_len)
             if self._solo_ok and len(rows) == 1:
                 self.stats["steps"] += 1
                 return self._solo_step(rows[0])
@@ -358,51 +359,6 @@ class Engine:
         if seq is not None and not seq.finished and seq.status == Status.RUNNING and seq.num_cached == solo.length:
             self._sync_solo(solo, seq)
 
-    def _collect_encoded(self) -> None:
-        for seq in list(self.scheduler.encoding):
-            futures = list(seq.futures.values()) + list((seq.draft_futures or {}).values())
-            if not all(f.done() for f in futures):
-                continue
-            self.scheduler.encoding.remove(seq)
-            try:
-                modalities = self.multimodal.modalities
-                seq.cross_states = fuse_one(modalities, ModalityQueues.gather(seq.futures))
-                if seq.draft_futures:
-                    seq.draft_cross_states = fuse_one(self.draft_multimodal.modalities,
-                                                      ModalityQueues.gather(seq.draft_futures))
-            except Exception as err:  # a bad input fails its own request only
-                seq.finish("error", err)
-                continue
-            seq.futures = seq.draft_futures = None
-            seq.cache_key = modality_key(seq.cross_states)
-            seq.status = Status.WAITING
-            self.scheduler.waiting.append(seq)
-
-    def _wait_for_encoders(self) -> None:
-        pending = [f for s in self.scheduler.encoding for f in s.futures.values() if not f.done()]
-        if pending:
-            wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
-
-    def _on_admit(self, seq: Sequence) -> None:
-        """Modality memory once per request: inline encoding (if not done by the workers) and cross K/V."""
-        if seq.raw_inputs is not None:
-            inputs, item = seq.raw_inputs
-            seq.raw_inputs = None
-            try:
-                seq.cross_states = fuse_one(self.multimodal.modalities, encode_inline(self.multimodal, inputs, item))
-                if self.draft_multimodal is not None:
-                    seq.draft_cross_states = fuse_one(self.draft_multimodal.modalities,
-                                                      encode_inline(self.draft_multimodal, inputs, item))
-            except Exception as err:
-                self.scheduler.remove(seq)
-                seq.finish("error", err)
-                return
-        if seq.cross_kv is None:
-            seq.cross_kv = cross_kv_for(self.backbone, seq.cross_states)
-            if self.draft is not None:
-                memory = seq.draft_cross_states if self.draft_multimodal is not None else seq.cross_states
-                seq.draft_cross_kv = cross_kv_for(self.draft.model, memory)
-
     def _feed(self, row: ScheduledRow) -> list[int]:
         seq = row.seq
         return seq.tokens[seq.num_cached:seq.num_cached + row.num_new] + row.drafts
@@ -415,36 +371,6 @@ class Engine:
             target = seq.num_cached + i + 1
             if target < len(seq.prompt) and target == len(seq.prompt_logprobs):
                 seq.prompt_logprobs.append(token_logprobs(logits[i], seq.prompt[target], top))
-
-    def _add_drafts(self, rows: list[ScheduledRow]) -> None:
-        """Drafts for every row whose tokens are all in after this step: decode rows, and the last chunk of a
-        prompt, so a request's first drafts are verified by its prompt's forward (one target forward fewer per
-        request; the demo's answers take one or two rounds, benchmarks/results/speculative_demo.md)."""
-        spec, max_len = self.cfg.speculative, self.backbone.cfg.max_seq_len
-        drafting = [r for r in rows if r.completes]
-        ks = []
-        for r in drafting:
-            seq = r.seq
-            room = min(seq.params.max_new_tokens - len(seq.output) - 1, max_len - len(seq.tokens) - 1)
-            longest = spec.num_draft_tokens
-            if spec.adaptive:
-                if seq.draft_length is None:
-                    seq.draft_length = DraftLength(spec.num_draft_tokens)
-                longest = seq.draft_length.next_length()
-            ks.append(max(0, min(longest, room)))
-        ends = [end_ids(r.seq.params, self.eos_id) for r in drafting]
-        if spec.method == "ngram":
-            proposals = [cut_after_end(ngram_propose(r.seq.tokens, k, spec.ngram_max, spec.ngram_min), e) if k else []
-                         for r, k, e in zip(drafting, ks, ends)]
-            probs = [None] * len(drafting)
-        else:
-            proposals, probs = self.draft.propose([r.seq for r in drafting], ks, ends)
-        for r, drafts, q in zip(drafting, proposals, probs):
-            if drafts and self.scheduler.try_reserve(r.seq, r.seq.num_cached + r.num_new + len(drafts)):
-                r.drafts = drafts
-                r.draft_probs = q
-            elif self.draft is not None:  # no room for the drafts: keep only the committed tokens' draft K/V
-                self.draft.rollback(r.seq, len(r.seq.tokens))
 
     def _advance(self, row: ScheduledRow, logits: torch.Tensor, in_pool: bool = True,
                  greedy_token: int | None = None) -> bool:

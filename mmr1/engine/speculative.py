@@ -15,13 +15,15 @@ import torch
 
 from mmr1.backbone import R1Model
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
-from mmr1.engine.config import SamplingParams
+from mmr1.engine.config import SamplingParams, SpeculativeConfig
 from mmr1.engine.paged_cache import PagedKVPool
 from mmr1.engine.packed import packable
 from mmr1.engine.runner import forward_packed, forward_paged
 from mmr1.engine.sampling import plain_greedy, processed_probs, sample_row
+from mmr1.engine.scheduler import ScheduledRow, Scheduler
 from mmr1.engine.sequence import Sequence
 from mmr1.engine.solo import SoloCache, solo_eligible, solo_forward
+from mmr1.engine.stopping import end_ids
 
 
 def ngram_propose(tokens: list[int], k: int, ngram_max: int = 3, ngram_min: int = 1) -> list[int]:
@@ -201,6 +203,38 @@ class DraftModel:
         if len(seq.draft_blocks) > keep:
             self.allocator.free(seq.id, seq.draft_blocks[keep:])
             del seq.draft_blocks[keep:]
+
+
+def add_drafts(rows: list[ScheduledRow], spec: SpeculativeConfig, draft: DraftModel | None, scheduler: Scheduler,
+               eos_id: int | None, max_len: int) -> None:
+    """Draft for every row whose tokens are all in after this step: decode rows, and the last chunk of a prompt, so
+    a request's first drafts are verified by its prompt's forward (one target forward fewer per request; the demo's
+    answers take one or two rounds, benchmarks/results/speculative_demo.md). Each row gets at most what its
+    max_new_tokens and the model's context leave room for, and drafts only where free KV blocks hold them."""
+    drafting = [r for r in rows if r.completes]
+    ks = []
+    for r in drafting:
+        seq = r.seq
+        room = min(seq.params.max_new_tokens - len(seq.output) - 1, max_len - len(seq.tokens) - 1)
+        longest = spec.num_draft_tokens
+        if spec.adaptive:
+            if seq.draft_length is None:
+                seq.draft_length = DraftLength(spec.num_draft_tokens)
+            longest = seq.draft_length.next_length()
+        ks.append(max(0, min(longest, room)))
+    ends = [end_ids(r.seq.params, eos_id) for r in drafting]
+    if spec.method == "ngram":
+        proposals = [cut_after_end(ngram_propose(r.seq.tokens, k, spec.ngram_max, spec.ngram_min), e) if k else []
+                     for r, k, e in zip(drafting, ks, ends)]
+        probs = [None] * len(drafting)
+    else:
+        proposals, probs = draft.propose([r.seq for r in drafting], ks, ends)
+    for r, drafts, q in zip(drafting, proposals, probs):
+        if drafts and scheduler.try_reserve(r.seq, r.seq.num_cached + r.num_new + len(drafts)):
+            r.drafts = drafts
+            r.draft_probs = q
+        elif draft is not None:  # no room for the drafts: keep only the committed tokens' draft K/V
+            draft.rollback(r.seq, len(r.seq.tokens))
 
 
 def truncated_draft(model: R1Model, n_layers: int) -> R1Model:
