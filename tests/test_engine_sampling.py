@@ -48,9 +48,11 @@ def test_logprobs_are_the_log_softmax_of_a_full_forward(setup):
     assert Engine(model).generate([PROMPTS[0]], SamplingParams(max_new_tokens=2))[0].logprobs is None
 
 
-@pytest.mark.parametrize("config", [dict(SMALL), dict(SMALL, packed_steps=False), dict(block_size=4, num_blocks=7)])
+@pytest.mark.parametrize("config", [dict(SMALL), dict(SMALL, packed_steps=False), dict(block_size=4, num_blocks=7),
+                                    dict(SMALL, speculative=SpeculativeConfig("ngram", 3))])
 def test_prompt_logprobs_score_every_prompt_token_once(config):
-    """Chunked prefill (packed and padded) and preemption with recompute (7 blocks for 3 growing requests)."""
+    """Chunked prefill (packed and padded), preemption with recompute (7 blocks for 3 growing requests), and prompt
+    lookup, whose first drafts (the prompts repeat themselves) are fed after the prompt's last chunk."""
     model = tiny_model(cross_attn_layers=())
     prompts = [p * 2 for p in PROMPTS[:3]]  # 8, 2 and 14 tokens
     engine = Engine(model, config=EngineConfig(**config))
@@ -65,6 +67,8 @@ def test_prompt_logprobs_score_every_prompt_token_once(config):
         assert len(out.logprobs) == 10
     if "num_blocks" in config:
         assert engine.scheduler.num_preemptions > 0
+    if "speculative" in config:
+        assert engine.stats["accepted"] > 0
     assert outs[0].token_ids == Engine(model).generate([prompts[0]], SamplingParams(max_new_tokens=10))[0].token_ids
 
 
