@@ -118,8 +118,9 @@ def test_draft_length_follows_acceptance_and_backs_off():
     length.record(3, 3)  # all accepted: one longer, never beyond the configured 4
     length.record(4, 4)
     assert length.next_length() == 4
-    length.record(4, 0)  # wholly rejected: halved
-    assert length.next_length() == 2
+    length.record(4, 0)  # wholly rejected: one shorter too
+    assert length.next_length() == 3
+    length.record(3, 0)
     length.record(2, 0)
     assert length.next_length() == 1
     pauses = []

@@ -46,8 +46,11 @@ def cut_after_end(drafts: list[int], ends: tuple[int, ...]) -> list[int]:
 class DraftLength:
     """One request's draft length when it adapts to acceptance (SpeculativeConfig.adaptive).
 
-    A round whose drafts were all accepted lengthens the next by one (up to `longest`); a partly rejected round
-    shortens it by one, a wholly rejected one halves it; when even a one-token draft is rejected, drafting pauses
+    A round whose drafts were all accepted lengthens the next by one (up to `longest`); a rejected round, partly or
+    wholly, shortens it by one, as transformers' heuristic schedule does (halving after a wholly rejected round,
+    this rule's earlier form, made the next rounds too short for the easy tokens after one hard one, often an
+    answer's first: the demo draft gave 1.60x plain with it, 1.70x without, in one A/B); when even a one-token
+    draft is rejected, drafting pauses
     for `pause` steps -- 4 at first, doubled while the probe after each pause is rejected too, at most
     MAX_PAUSE -- and any accepted draft ends the back-off. Only past rounds decide a length, never the draft
     being verified, so rejection sampling still yields the target distribution."""
@@ -78,7 +81,7 @@ class DraftLength:
         elif accepted:
             self.current, self.pause = max(1, self.current - 1), 0
         elif drafted > 1:
-            self.current = max(1, drafted // 2)
+            self.current = max(1, self.current - 1)
         else:
             self.pause = min(self.MAX_PAUSE, 2 * self.pause if self.pause else self.FIRST_PAUSE)
             self.rest, self.current = self.pause, 1
