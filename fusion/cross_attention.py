@@ -13,23 +13,27 @@ from mmr1.sdpa import sdpa
 
 
 class GatedCrossAttention(nn.Module):
-    """x (B, L, D) attends to memory (B, T, D); returns tanh(gate) * attn, to be added to x by the caller."""
+    """x (B, L, D) attends to memory (B, T, M); returns tanh(gate) * attn, to be added to x by the caller.
 
-    def __init__(self, dim: int, n_heads: int, norm_eps: float = 1e-5):
+    memory_dim M is the width of the modality tokens, `dim` unless they come from another model: a speculative
+    draft can read its target's modality tokens instead of encoding the inputs again."""
+
+    def __init__(self, dim: int, n_heads: int, norm_eps: float = 1e-5, memory_dim: int | None = None):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"GatedCrossAttention: dim={dim} not divisible by n_heads={n_heads}")
+        memory_dim = memory_dim or dim
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
         self.norm = RMSNorm(dim, norm_eps)
-        self.memory_norm = RMSNorm(dim, norm_eps)
+        self.memory_norm = RMSNorm(memory_dim, norm_eps)
         self.wq = nn.Linear(dim, dim, bias=False)
-        self.wkv = nn.Linear(dim, 2 * dim, bias=False)
+        self.wkv = nn.Linear(memory_dim, 2 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
         self.gate = nn.Parameter(torch.zeros(1))
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the modality tokens, (B, H, T, Dh) each. Computed once per request in decoding."""
+        """Keys and values of the modality tokens (B, T, M), (B, H, T, Dh) each. Computed once per request in decoding."""
         B, T, _ = memory.shape
         kv = self.wkv(self.memory_norm(memory)).view(B, T, 2, self.n_heads, self.head_dim)
         k, v = kv.unbind(dim=2)  # (B, T, H, Dh)
@@ -37,7 +41,7 @@ class GatedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (B, L, D); memory: (B, T, D) or precomputed `kv`; memory_mask: (B, T) bool, True = real token, or
+        """x: (B, L, D); memory: (B, T, M) or precomputed `kv`; memory_mask: (B, T) bool, True = real token, or
         (B, L, T) per query (the engine's packed batches, where one row holds several requests' tokens).
 
         Queries that see no modality token at all get exactly zero output.

@@ -165,6 +165,9 @@ class R1Config:
     first_k_dense: int = 1  # the first layers stay dense even when `moe` is set
     cross_attn_layers: list[int] = field(default_factory=list)  # block indices with gated cross-attention
     cross_attn_heads: int = 4
+    # Width of the modality tokens the cross-attention layers read; None: `dim` (this model's own encoders and
+    # projectors). A draft that reads its target's modality tokens sets the target's dim (mmr1.distill).
+    cross_attn_memory_dim: Optional[int] = None
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2); the output projection has none
@@ -191,6 +194,8 @@ class R1Config:
             raise ValueError(f"R1Config: n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.dim % self.cross_attn_heads:
             raise ValueError(f"R1Config: dim={self.dim} not divisible by cross_attn_heads={self.cross_attn_heads}")
+        if self.cross_attn_memory_dim is not None and self.cross_attn_memory_dim <= 0:
+            raise ValueError(f"R1Config: cross_attn_memory_dim must be > 0 or None, got {self.cross_attn_memory_dim}")
         bad = [i for i in self.cross_attn_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(f"R1Config: cross_attn_layers {bad} outside [0, n_layers={self.n_layers})")

@@ -18,10 +18,16 @@ The teacher is an exported model directory (`mmr1 export`); it must share the st
 image/audio inputs (equal processor settings), since both see the same batches. It is loaded when fitting starts,
 frozen, kept out of the student's modules (so it is neither optimized nor saved in checkpoints or exports), and run
 without gradients on every training batch; validation reports the student's own loss and accuracy.
+
+With `modality_tokens: teacher` the student has no encoders: its cross-attention reads the teacher's modality
+tokens (`backbone.cross_attn_memory_dim`: the teacher's dim), in training and, as a draft, in the engine, which
+hands it the target's tokens instead of encoding each request's images and audio a second time (EAGLE's drafts
+read their target's features likewise). Such a student runs only beside that teacher (or target).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +42,14 @@ class DistillConfig:
     teacher: str = ""  # an exported mmr1 model directory (config.json, model.safetensors, tokenizer.json)
     weight: float = 0.5  # share of the distillation term in the language-model loss, in [0, 1]
     temperature: float = 1.0
+    # "own": the student encodes images/audio with its own encoders. "teacher": the student has no encoders and
+    # its cross-attention reads the teacher's modality tokens (backbone.cross_attn_memory_dim = the teacher's dim),
+    # so a speculative draft costs no second encoding of a request's inputs: the engine hands it the target's.
+    modality_tokens: str = "own"
 
     def __post_init__(self) -> None:
+        if self.modality_tokens not in ("own", "teacher"):
+            raise ValueError(f"DistillConfig.modality_tokens must be 'own' or 'teacher', got {self.modality_tokens!r}")
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError(f"DistillConfig.weight must be in [0, 1], got {self.weight}")
         if self.temperature <= 0:
@@ -60,6 +72,36 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     elif reduction != "sum":
         raise ValueError(f"distillation_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
     return kl * temperature ** 2
+
+
+def teacher_config(cfg: DistillConfig) -> Any:
+    """The teacher's MultimodalConfig, read from its exported config.json without loading its weights."""
+    from mmr1.model import CONFIG_NAME, MultimodalConfig
+
+    path = Path(cfg.teacher) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"distill.teacher: {path} is missing; the teacher must be an exported model "
+                                f"directory (export it first: mmr1 export ...)")
+    return MultimodalConfig.from_dict(json.loads(path.read_text()))
+
+
+def check_student_reads_teacher_tokens(cfg: DistillConfig, student_config: Any) -> list[str]:
+    """For modality_tokens="teacher": raise unless the student (a MultimodalConfig) can read the teacher's modality
+    tokens; return the teacher's modality keys (the student's tokenizer needs their markers)."""
+    teacher = teacher_config(cfg)
+    backbone = student_config.backbone
+    if student_config.encoders:
+        raise ValueError(f"model.distill.modality_tokens=teacher: the student reads the teacher's modality tokens, so "
+                         f"it has no encoders of its own; remove model.encoders ({sorted(student_config.encoders)})")
+    if teacher.encoders and not backbone.cross_attn_layers:
+        raise ValueError("model.distill.modality_tokens=teacher: the student has no cross_attn_layers to read the "
+                         "teacher's modality tokens with; set model.backbone.cross_attn_layers")
+    width = backbone.cross_attn_memory_dim or backbone.dim
+    if teacher.encoders and width != teacher.backbone.dim:
+        raise ValueError(f"model.distill.modality_tokens=teacher: the teacher's modality tokens have width "
+                         f"{teacher.backbone.dim} but the student's cross-attention reads width {width}; set "
+                         f"model.backbone.cross_attn_memory_dim: {teacher.backbone.dim}")
+    return list(teacher.encoders)
 
 
 def load_teacher(cfg: DistillConfig, student: Any, student_tokenizer: Any) -> torch.nn.Module:

@@ -77,6 +77,11 @@ class MultimodalR1(nn.Module):
         if config.encoders and not config.backbone.cross_attn_layers:
             raise ValueError("MultimodalConfig: encoders are configured but backbone.cross_attn_layers is empty, "
                              "so the backbone could never see them")
+        memory_dim = config.backbone.cross_attn_memory_dim
+        if config.encoders and memory_dim not in (None, dim):
+            raise ValueError(f"MultimodalConfig: backbone.cross_attn_memory_dim={memory_dim} but the encoders' "
+                             f"projectors give tokens of width dim={dim}; a model with its own encoders reads "
+                             f"width dim (set cross_attn_memory_dim only for a draft that reads its target's tokens)")
         self.encoders = nn.ModuleDict({k: build_encoder(k, c) for k, c in config.encoders.items()})
         self.projectors = nn.ModuleDict({k: build_projector(c.projector, self.encoders[k].output_dim, dim)
                                          for k, c in config.encoders.items()})

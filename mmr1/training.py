@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmr1.config import R1Config, config_to_dict
-from mmr1.distill import DistillConfig, distillation_loss, load_teacher
+from mmr1.distill import DistillConfig, check_student_reads_teacher_tokens, distillation_loss, load_teacher
 from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
 from mmr1.moe import MoEAux, MoEFeedForward
 from mmr1.lora import LoRAConfig, apply_lora, parameter_counts
@@ -85,7 +85,12 @@ class MMR1LightningModule(L.LightningModule):
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
         encoders = dict(encoders or {})
-        self.tokenizer.add_modalities(list(encoders))
+        reads_teacher_tokens = distill is not None and distill.modality_tokens == "teacher"
+        if reads_teacher_tokens:  # the prompts carry the teacher's modality markers
+            self.tokenizer.add_modalities(check_student_reads_teacher_tokens(
+                distill, MultimodalConfig(backbone=backbone or R1Config(), encoders=encoders)))
+        else:
+            self.tokenizer.add_modalities(list(encoders))
         if init_from_hf:
             from mmr1.hf_interop import backbone_config_from_hf
             backbone = backbone_config_from_hf(init_from_hf, backbone, self.tokenizer.vocab_size)
@@ -140,16 +145,38 @@ class MMR1LightningModule(L.LightningModule):
         if unexpected:
             raise ValueError(f"init_from={directory}: weights {sorted(unexpected)[:5]} do not fit this model")
 
+    @property
+    def reads_teacher_tokens(self) -> bool:
+        """distill.modality_tokens == "teacher": the student's cross-attention reads the teacher's modality tokens."""
+        return self.distill is not None and self.distill.modality_tokens == "teacher"
+
     def processors(self):
-        return self.model.processors()
+        # A student that reads the teacher's modality tokens has no encoders: the batches carry the teacher's inputs.
+        return self._teacher_model().processors() if self.reads_teacher_tokens else self.model.processors()
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.distill is not None and self._teacher is None:
+        if self.distill is not None and (stage == "fit" or self.reads_teacher_tokens):
+            self._teacher_model()
+
+    def _teacher_model(self) -> torch.nn.Module:
+        """The frozen teacher (loaded on first use), on the student's device in its parameters' dtype (bf16-true:
+        bf16)."""
+        if self._teacher is None:
             object.__setattr__(self, "_teacher", load_teacher(self.distill, self.model, self.tokenizer))
+        weight, own = next(self._teacher.parameters()), next(self.model.parameters())
+        if weight.device != own.device or weight.dtype != own.dtype:
+            self._teacher.to(device=own.device, dtype=own.dtype)
+        return self._teacher
+
+    def _teacher_memory(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The teacher's modality tokens and mask for a batch, (B, T, teacher dim) and (B, T), without gradient."""
+        with torch.no_grad():
+            return self._teacher_model().encode_batch(batch.get("modalities") or {}, batch["input_ids"].shape[0],
+                                                      encode_absent=self.distributed)
 
     def on_fit_start(self) -> None:
-        if self._teacher is not None:  # on the student's device, in its parameters' dtype (bf16-true: bf16)
-            self._teacher.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+        if self.distill is not None:
+            self._teacher_model()
         counts = parameter_counts(self.model)
         rank_zero_info(f"mmr1: {counts['trainable']:,} of {counts['total']:,} parameters train "
                        f"({100 * counts['trainable'] / max(1, counts['total']):.2f} %)")
@@ -208,8 +235,14 @@ class MMR1LightningModule(L.LightningModule):
     def _forward(self, batch: dict[str, Any], train: bool = False) -> dict[str, Any]:
         # With several ranks every rank runs every encoder (zero-contribution passes for absent modalities): the
         # same collectives in the same order whatever modalities each rank's batch carries.
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("modalities"),
-                         encode_absent=self.distributed)
+        memory = None
+        if self.reads_teacher_tokens:
+            memory = self._teacher_memory(batch)
+            out = self.model.backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      cross_states=memory[0], cross_mask=memory[1])
+        else:
+            out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("modalities"),
+                             encode_absent=self.distributed)
         targets = shifted_targets(batch["labels"])
         lm_loss, lm_loss_value = self._lm_loss(out.logits, targets, global_tokens=train and self.distributed)
         seq_aux_loss = summed_moe_loss(out.moe_aux, "seq_aux_loss", lm_loss)
@@ -221,7 +254,7 @@ class MMR1LightningModule(L.LightningModule):
             loss = loss + self.z_loss_coef * z_loss
         distill_value = None
         if train and self._teacher is not None:
-            distill_loss, distill_value = self._distill_loss(batch, out.logits, targets, self.distributed)
+            distill_loss, distill_value = self._distill_loss(batch, out.logits, targets, self.distributed, memory)
             loss = loss + self.distill.weight * (distill_loss - lm_loss)  # (1 - w) * lm + w * distill
         return {"lm_loss": lm_loss_value, "aux_loss": out.aux_loss, "seq_aux_loss": seq_aux_loss, "z_loss": z_loss,
                 "distill_loss": distill_value, "loss": loss, "correct": answer_exact_match(out.logits, targets),
@@ -251,10 +284,16 @@ class MMR1LightningModule(L.LightningModule):
         return token_sum * self.trainer.world_size / global_count, totals[0] / global_count
 
     def _distill_loss(self, batch: dict[str, Any], logits: torch.Tensor, targets: torch.Tensor,
-                      global_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distillation term against the teacher's logits on the same batch, normalized like _lm_loss."""
+                      global_tokens: bool, memory: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distillation term against the teacher's logits on the same batch, normalized like _lm_loss.
+        memory: the teacher's modality tokens and mask when they are already computed (_teacher_memory)."""
+        teacher = self._teacher_model()
         with torch.no_grad():
-            teacher_logits = self._teacher(batch["input_ids"], batch["attention_mask"], batch.get("modalities")).logits
+            if memory is None:
+                teacher_logits = teacher(batch["input_ids"], batch["attention_mask"], batch.get("modalities")).logits
+            else:
+                teacher_logits = teacher.backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                  cross_states=memory[0], cross_mask=memory[1]).logits
         T = self.distill.temperature
         if not global_tokens:
             loss = distillation_loss(logits, teacher_logits, targets, T)
@@ -306,12 +345,15 @@ class MMR1LightningModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         from mmr1.generation import generate
 
-        prompts = [self.tokenizer.encode_prompt(q or "", [k for k in self.model.modalities
-                                                       if k in batch.get("modalities", {})
+        keys = list(self.processors())
+        prompts = [self.tokenizer.encode_prompt(q or "", [k for k in keys if k in batch.get("modalities", {})
                                                        and bool(batch["modalities"][k]["present"][i])])
                    for i, q in enumerate(batch["questions"])]
-        cross_states, cross_mask = self.model.encode_batch(batch.get("modalities") or {}, len(prompts),
-                                                           encode_absent=self.distributed)
+        if self.reads_teacher_tokens:
+            cross_states, cross_mask = self._teacher_memory(batch)
+        else:
+            cross_states, cross_mask = self.model.encode_batch(batch.get("modalities") or {}, len(prompts),
+                                                               encode_absent=self.distributed)
         new_tokens = generate(self.model.backbone, prompts, cross_states=cross_states, cross_mask=cross_mask,
                               max_new_tokens=16, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
         return [{"id": i, "question": q, "prediction": self.tokenizer.decode(t), "answer": a}

@@ -36,6 +36,8 @@ def test_config_is_checked():
         DistillConfig("teacher", weight=1.5)
     with pytest.raises(ValueError, match="temperature"):
         DistillConfig("teacher", temperature=0.0)
+    with pytest.raises(ValueError, match="modality_tokens"):
+        DistillConfig("teacher", modality_tokens="both")
 
 
 def _tokenizer(tmp_path, words="what color is the square red green blue") -> R1Tokenizer:
@@ -44,11 +46,16 @@ def _tokenizer(tmp_path, words="what color is the square red green blue") -> R1T
     return tokenizer
 
 
-def _teacher(tmp_path, tokenizer: R1Tokenizer, name: str = "teacher"):
+def _teacher(tmp_path, tokenizer: R1Tokenizer, name: str = "teacher", gate: float = 0.0):
+    """gate: the cross-attention gates' value (0, as built: the teacher's outputs ignore its modality tokens)."""
     torch.manual_seed(0)
     cfg = tiny_config()
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, vocab_size=tokenizer.vocab_size))
-    MultimodalR1(cfg).eval().save_pretrained(tmp_path / name, tokenizer)
+    teacher = MultimodalR1(cfg).eval()
+    with torch.no_grad():
+        for block in teacher.backbone.layers:
+            block.cross_attn.gate.fill_(gate)
+    teacher.save_pretrained(tmp_path / name, tokenizer)
     return tmp_path / name
 
 
@@ -85,7 +92,8 @@ def test_training_moves_the_student_to_the_teacher(tmp_path):
     assert module._teacher is not None and all(not p.requires_grad and p.grad is None
                                                for p in module._teacher.parameters())
     assert set(module.state_dict()) == {f"model.{k}" for k in module.model.state_dict()}
-    assert module.hparams["distill"] == {"teacher": str(teacher_dir), "weight": 1.0, "temperature": 1.0}
+    assert module.hparams["distill"] == {"teacher": str(teacher_dir), "weight": 1.0, "temperature": 1.0,
+                                         "modality_tokens": "own"}
 
 
 def test_a_teacher_that_cannot_read_the_batches_is_refused(tmp_path):
@@ -120,3 +128,68 @@ def test_the_teacher_follows_the_students_device_and_dtype(tmp_path):
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))
     assert {p.dtype for p in module._teacher.parameters()} == {torch.bfloat16}
+
+
+def _token_reader(tmp_path, teacher_dir, **backbone) -> MMR1LightningModule:
+    """A student with no encoders whose cross-attention reads the teacher's modality tokens (width 32)."""
+    cfg = dataclasses.replace(tiny_config().backbone, dim=16, n_layers=1, cross_attn_layers=[0], moe=None,
+                              cross_attn_memory_dim=32)
+    torch.manual_seed(1)
+    return MMR1LightningModule(str(tmp_path / "tok.json"), backbone=dataclasses.replace(cfg, **backbone),
+                               lr=1e-2, warmup_steps=1, gate_lr_scale=10.0,
+                               distill=DistillConfig(str(teacher_dir), weight=1.0, modality_tokens="teacher"))
+
+
+def test_a_student_can_read_the_teachers_modality_tokens(tmp_path):
+    """modality_tokens: teacher -- the student has no encoders; its cross-attention learns to read the teacher's
+    modality tokens, and what it exports reads them too (the engine hands a draft its target's tokens)."""
+    tokenizer = _tokenizer(tmp_path)
+    teacher_dir = _teacher(tmp_path, tokenizer, gate=1.0)  # its next-token distributions depend on the inputs
+    teacher, teacher_tokenizer = MultimodalR1.from_pretrained(teacher_dir)
+    module = _token_reader(tmp_path, teacher_dir)
+    assert module.model.modalities == [] and list(module.processors()) == ["image", "audio"]
+    assert module.tokenizer.tok.get_vocab() == teacher_tokenizer.tok.get_vocab()  # the teacher's modality markers
+    # One text, three different image/audio inputs: the teacher's distributions differ between the rows only
+    # through its modality tokens, so the student can only follow them by reading those tokens.
+    ids = torch.randint(5, tokenizer.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2)).expand(3, 10)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "modalities": batch_inputs(teacher)}
+    targets = torch.cat([ids[:, 1:], torch.full((3, 1), IGNORE_INDEX)], dim=1)
+    memory = teacher.encode_batch(batch["modalities"], 3)
+
+    def kl(with_memory: bool = True) -> float:
+        with torch.no_grad():
+            states, memory_mask = memory if with_memory else (None, None)
+            student = module.model.backbone(ids, attention_mask=mask, cross_states=states, cross_mask=memory_mask)
+            return distillation_loss(student.logits, teacher(ids, mask, batch["modalities"]).logits, targets).item()
+
+    before = kl()
+    trainer = lightning.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 30, batch_size=None))
+    assert kl() < 0.2 * before
+    gate = module.model.backbone.layers[0].cross_attn.gate
+    assert gate.abs().item() > 0.05 and kl(with_memory=False) > 1.1 * kl()  # it uses the teacher's tokens
+    assert set(module.state_dict()) == {f"model.{k}" for k in module.model.state_dict()}
+    assert not any(k.startswith("model.encoders") for k in module.state_dict())
+    exported, _ = MultimodalR1.from_pretrained(module.model.save_pretrained(tmp_path / "student", module.tokenizer))
+    assert exported.config.backbone.cross_attn_memory_dim == 32 and exported.modalities == []
+
+
+def test_a_student_that_cannot_read_the_teachers_tokens_is_refused(tmp_path):
+    tokenizer = _tokenizer(tmp_path)
+    teacher_dir = _teacher(tmp_path, tokenizer)
+    with pytest.raises(ValueError, match="cross_attn_memory_dim: 32"):
+        _token_reader(tmp_path, teacher_dir, cross_attn_memory_dim=None)
+    with pytest.raises(ValueError, match="cross_attn_layers"):
+        _token_reader(tmp_path, teacher_dir, cross_attn_layers=[])
+    with pytest.raises(ValueError, match="remove model.encoders"):
+        MMR1LightningModule(str(tmp_path / "tok.json"), backbone=tiny_config().backbone,
+                            encoders=tiny_config().encoders,
+                            distill=DistillConfig(str(teacher_dir), modality_tokens="teacher"))
+    with pytest.raises(FileNotFoundError, match="distill.teacher"):
+        _token_reader(tmp_path, tmp_path / "missing")
+    own_encoders = tiny_config()
+    with pytest.raises(ValueError, match="cross_attn_memory_dim=24"):  # its projectors give width dim
+        MultimodalR1(dataclasses.replace(own_encoders, backbone=dataclasses.replace(own_encoders.backbone,
+                                                                                    cross_attn_memory_dim=24)))

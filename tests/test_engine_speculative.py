@@ -3,6 +3,8 @@ draft-model drafts (inside continuous batching and at batch 1), and rejection sa
 distribution (checked statistically on a 4-token vocabulary with fixed seeds)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,6 +110,32 @@ def test_multimodal_draft_with_its_own_encoders():
     assert [o.token_ids for o in outs] == refs
     assert eng.stats["accepted"] > 0
     eng.close()
+
+
+def test_a_draft_without_encoders_reads_the_targets_modality_tokens():
+    """A MultimodalR1 draft with cross-attention but no encoders (distilled with modality_tokens: teacher) gets the
+    target's modality tokens: nothing is encoded for it, and a copy of the target's backbone, which sees exactly
+    what the target sees, has every draft accepted, image and audio requests included."""
+    from mmr1.model import MultimodalConfig, MultimodalR1
+    model = multimodal_model()
+    draft = MultimodalR1(MultimodalConfig(backbone=model.config.backbone)).eval()
+    draft.backbone.load_state_dict(model.backbone.state_dict())
+    eng = Engine(model, config=EngineConfig(**SMALL, speculative=SpeculativeConfig("draft", 3, adaptive=False)),
+                 draft=draft)
+    assert eng.draft_multimodal is None and eng.draft_queues is None
+    requests = [{"prompt": [1, 3, 10, 4], **raw_inputs(0)}, {"prompt": [2, 3, 4], "audio": raw_inputs(1)["audio"]},
+                {"prompt": [5, 6, 4], "image": raw_inputs(2)["image"]}]
+    outs = eng.generate(requests, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    refs = [multimodal_reference(model, r["prompt"], {k: r[k] for k in ("image", "audio") if k in r}, 8)
+            for r in requests]
+    assert [o.token_ids for o in outs] == refs
+    assert eng.stats["accepted"] == eng.stats["drafted"] > 0
+    eng.check_no_leaks()
+    eng.close()
+    narrow = MultimodalConfig(backbone=dataclasses.replace(model.config.backbone, dim=16, cross_attn_memory_dim=24))
+    with pytest.raises(ValueError, match="cross_attn_memory_dim"):
+        Engine(model, config=EngineConfig(**SMALL, speculative=SpeculativeConfig("draft", 3)),
+               draft=MultimodalR1(narrow))
 
 
 def test_draft_length_follows_acceptance_and_backs_off():

@@ -72,16 +72,20 @@ class Engine:
             if draft is None:
                 raise ValueError("EngineConfig.speculative.method='draft' needs Engine(..., draft=<smaller model>)")
             draft_backbone, self.draft_multimodal = _parts(draft)
+            if self.draft_multimodal is not None and not self.draft_multimodal.modalities:
+                self.draft_multimodal = None  # no encoders of its own: it reads the target's modality tokens
             if draft_backbone.cfg.vocab_size != self.backbone.cfg.vocab_size:
                 raise ValueError(f"Engine: draft vocab_size={draft_backbone.cfg.vocab_size} != target "
                                  f"{self.backbone.cfg.vocab_size}; the draft must share the tokenizer")
             if draft_backbone.cfg.max_seq_len < max_len:
                 raise ValueError(f"Engine: draft max_seq_len={draft_backbone.cfg.max_seq_len} < target {max_len}")
+            memory_dim = draft_backbone.cfg.cross_attn_memory_dim or draft_backbone.cfg.dim
             if (self.draft_multimodal is None and draft_backbone.cfg.cross_attn_layers
-                    and draft_backbone.cfg.dim != self.backbone.cfg.dim):
-                raise ValueError(f"Engine: a bare draft backbone reads the target's modality tokens (dim "
-                                 f"{self.backbone.cfg.dim}) but has dim={draft_backbone.cfg.dim}; pass a "
-                                 f"MultimodalR1 draft with its own encoders")
+                    and memory_dim != self.backbone.cfg.dim):
+                raise ValueError(f"Engine: a draft without encoders reads the target's modality tokens (width "
+                                 f"{self.backbone.cfg.dim}) but its cross-attention reads width {memory_dim} "
+                                 f"(cross_attn_memory_dim); distill it with modality_tokens: teacher from this "
+                                 f"target, or pass a MultimodalR1 draft with its own encoders")
             self.draft = DraftModel(draft_backbone, num_blocks, self.cfg.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.cfg, self.allocator, self.draft.allocator if self.draft else None)
         self.queues = self.draft_queues = None
