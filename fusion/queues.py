@@ -36,10 +36,17 @@ _STOP = object()
 class ModalityQueues:
     """One worker thread per modality. Use as a context manager or call `close()`."""
 
-    def __init__(self, processors: Mapping[str, ModalityProcessor], encode: EncodeFn, *, max_batch: int = 16):
+    def __init__(self, processors: Mapping[str, ModalityProcessor], encode: EncodeFn, *, max_batch: int = 16,
+                 intra_op_threads: int | None = None):
+        """intra_op_threads: PyTorch threads of each worker's own operators (torch.set_num_threads in the worker:
+        OpenMP keeps the count per calling thread, so the decoder's threads are untouched); None: PyTorch's
+        default. The workers run beside the decoder, whose threads want the same cores."""
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ValueError(f"ModalityQueues: intra_op_threads={intra_op_threads} must be >= 1 (or None)")
         self.processors = dict(processors)
         self.encode = encode
         self.max_batch = max_batch
+        self.intra_op_threads = intra_op_threads
         self._queues: dict[str, queue.Queue] = {m: queue.Queue() for m in self.processors}
         self._threads = [threading.Thread(target=self._worker, args=(m,), daemon=True, name=f"mmr1-{m}-encoder")
                          for m in self.processors]
@@ -91,6 +98,8 @@ class ModalityQueues:
         return batch
 
     def _worker(self, modality: str) -> None:
+        if self.intra_op_threads is not None:
+            torch.set_num_threads(self.intra_op_threads)
         processor = self.processors[modality]
         while True:
             batch = self._drain(modality)

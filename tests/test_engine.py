@@ -91,6 +91,21 @@ def test_image_audio_text_mix_equals_single_request_greedy(async_encoding):
     eng.close()
 
 
+def test_encoder_workers_share_the_cores_with_the_decoder(monkeypatch):
+    """By default the decoder and each encoder worker (here image and audio) get an equal share of the cores; a
+    2-core machine gives each worker one thread instead of PyTorch's default of every core."""
+    import mmr1.engine.engine as engine_module
+    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda pid: set(range(9)), raising=False)
+    assert engine_module.encoder_threads(2) == 3 and engine_module.encoder_threads(8) == 1
+    model = multimodal_model()
+    for configured, expected in ((None, 3), (2, 2)):
+        eng = Engine(model, config=EngineConfig(**SMALL, encoder_threads=configured))
+        assert eng.queues.intra_op_threads == expected
+        eng.close()
+    with pytest.raises(ValueError, match="encoder_threads=0"):
+        EngineConfig(encoder_threads=0)
+
+
 def test_missing_file_is_refused_at_add_request(tmp_path):
     """A path that isn't a file fails in add_request, naming modality and file, before any worker sees it."""
     eng = Engine(multimodal_model(), config=EngineConfig(**SMALL))

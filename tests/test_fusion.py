@@ -113,3 +113,19 @@ def test_queues_async_front():
     with ModalityQueues({"vec": VectorProcessor()}, encode) as queues:
         out = asyncio.run(main(queues))
     assert [float(o["vec"].tokens[0, 0]) for o in out] == [0.0, 1.0, 2.0]
+
+
+def test_queue_workers_take_their_own_thread_count():
+    """intra_op_threads applies in the workers only: the caller's PyTorch thread count is left as it was."""
+    seen = []
+
+    def encode(modality, values, mask):
+        seen.append(torch.get_num_threads())
+        return values[..., None], mask
+
+    before = torch.get_num_threads()
+    with ModalityQueues({"vec": VectorProcessor()}, encode, intra_op_threads=1) as queues:
+        queues.gather(queues.submit({"vec": [1.0]}), timeout=10)
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="intra_op_threads=0"):
+        ModalityQueues({"vec": VectorProcessor()}, encode, intra_op_threads=0)

@@ -96,6 +96,10 @@ class EngineConfig:
     scheduling: str = "continuous"  # "continuous" | "static" (admit a new batch only when the last one is done)
     async_encoding: bool = True  # image/audio load -> preprocess -> encode in ModalityQueues workers
     encoder_max_batch: int = 16
+    # PyTorch threads of each async encoder worker. None: an equal share of this process's cores for the decoder
+    # and each worker, at least 1. The workers encode beside the decoder: with PyTorch's default (every core each),
+    # a 2-core machine ran 6 busy threads and answered the demo's image/audio questions 1.9x slower.
+    encoder_threads: Optional[int] = None
     speculative: Optional[SpeculativeConfig] = None
     # torch.compile the batch-1 decode step (gpt-fast style; full-attention models in model-dtype KV). The first
     # decode step compiles (seconds to tens of seconds on CPU); later ones run the fused graph. With `speculative`,
@@ -128,6 +132,8 @@ class EngineConfig:
                      "encoder_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig: {name}={getattr(self, name)} must be >= 1")
+        if self.encoder_threads is not None and self.encoder_threads < 1:
+            raise ValueError(f"EngineConfig: encoder_threads={self.encoder_threads} must be >= 1 (or None)")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"EngineConfig: num_blocks={self.num_blocks} must be >= 1 (or None)")
         if self.cpu_prepacked_weights and self.compile_decode:

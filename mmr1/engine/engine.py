@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import os
 import threading
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
@@ -40,6 +41,12 @@ from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
 
 __all__ = ["Engine", "QueueFullError"]
+
+
+def encoder_threads(num_workers: int) -> int:
+    """PyTorch threads per encoder worker: the decoder and each worker get an equal share of the usable cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // (num_workers + 1))
 
 
 def _parts(model: Any) -> tuple[R1Model, Any]:
@@ -90,12 +97,14 @@ class Engine:
         self.scheduler = Scheduler(self.cfg, self.allocator, self.draft.allocator if self.draft else None)
         self.queues = self.draft_queues = None
         if self.multimodal is not None and self.multimodal.modalities and self.cfg.async_encoding:
-            self.queues = ModalityQueues(self.multimodal.processors(), self.multimodal.encode_modality,
-                                         max_batch=self.cfg.encoder_max_batch)
-            if self.draft_multimodal is not None and self.draft_multimodal.modalities:
+            drafts_own = self.draft_multimodal is not None and bool(self.draft_multimodal.modalities)
+            workers = len(self.multimodal.modalities) + (len(self.draft_multimodal.modalities) if drafts_own else 0)
+            queue_args = {"max_batch": self.cfg.encoder_max_batch,
+                          "intra_op_threads": self.cfg.encoder_threads or encoder_threads(workers)}
+            self.queues = ModalityQueues(self.multimodal.processors(), self.multimodal.encode_modality, **queue_args)
+            if drafts_own:
                 self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
-                                                   self.draft_multimodal.encode_modality,
-                                                   max_batch=self.cfg.encoder_max_batch)
+                                                   self.draft_multimodal.encode_modality, **queue_args)
         # A file sent again (or by several requests at once) is encoded once (mmr1/engine/encoding_cache.py).
         self.encodings = EncodingCache(self.queues) if self.queues is not None else None
         self.draft_encodings = EncodingCache(self.draft_queues) if self.draft_queues is not None else None
