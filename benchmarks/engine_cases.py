@@ -362,7 +362,8 @@ def write_media(directory: Path, n: int) -> list[dict]:
     return items
 
 
-def async_vs_inline(n_requests: int, new_tokens: int) -> dict:
+def async_vs_inline(n_requests: int, new_tokens: int, **config) -> dict:
+    """`config`: further EngineConfig fields for both modes (benchmarks/encoder_threads.py)."""
     model = demo_sized_multimodal()
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -372,7 +373,7 @@ def async_vs_inline(n_requests: int, new_tokens: int) -> dict:
                      **m} for m in media]
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         for mode in ("inline", "async", "inline", "async"):  # twice each, interleaved: keep the better run
-            engine = Engine(model, config=EngineConfig(max_batch=16, async_encoding=mode == "async"))
+            engine = Engine(model, config=EngineConfig(max_batch=16, async_encoding=mode == "async", **config))
             outs, wall = timed(lambda: engine.generate(requests, params))
             engine.close()
             assert all(o.error is None for o in outs)

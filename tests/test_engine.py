@@ -106,6 +106,35 @@ def test_encoder_workers_share_the_cores_with_the_decoder(monkeypatch):
         EngineConfig(encoder_threads=0)
 
 
+def test_a_step_leaves_busy_encoder_workers_their_cores(monkeypatch):
+    """While inputs are being encoded, a CPU step runs on the threads the workers leave; then on all again."""
+    import threading
+
+    import mmr1.engine.engine as engine_module
+    model = multimodal_model()
+    release, encode = threading.Event(), model.encode_modality
+    monkeypatch.setattr(model, "encode_modality", lambda *a, **k: release.wait(10) and encode(*a, **k))
+    seen, collect = [], engine_module.admission.collect_encoded
+    monkeypatch.setattr(engine_module.admission, "collect_encoded",
+                        lambda *a: seen.append(torch.get_num_threads()) or collect(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    eng = Engine(model, config=EngineConfig(**SMALL, encoder_threads=1))  # two workers (image, audio), 1 each
+    try:
+        ids = [eng.add_request([5, 6, 4], sampling=SamplingParams(max_new_tokens=3)),
+               eng.add_request([1, 3, 10, 4], image=raw_inputs(0)["image"], sampling=SamplingParams(max_new_tokens=3))]
+        eng.step()
+        assert seen == [2] and torch.get_num_threads() == 4
+        release.set()
+        while eng.has_unfinished():
+            eng.step()
+        assert seen[-1] == 4 and all(eng.output(i).error is None for i in ids)
+    finally:
+        release.set()
+        eng.close()
+        torch.set_num_threads(before)
+
+
 def test_missing_file_is_refused_at_add_request(tmp_path):
     """A path that isn't a file fails in add_request, naming modality and file, before any worker sees it."""
     eng = Engine(multimodal_model(), config=EngineConfig(**SMALL))

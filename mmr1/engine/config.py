@@ -100,6 +100,9 @@ class EngineConfig:
     # and each worker, at least 1. The workers encode beside the decoder: with PyTorch's default (every core each),
     # a 2-core machine ran 6 busy threads and answered the demo's image/audio questions 1.9x slower.
     encoder_threads: Optional[int] = None
+    # CPU: while the workers have inputs to encode, a step runs on the threads they leave (the caller's PyTorch
+    # thread count minus theirs, at least 1), then on all again (benchmarks/results/encoder_threads.md).
+    share_cores_with_encoders: bool = True
     speculative: Optional[SpeculativeConfig] = None
     # torch.compile the batch-1 decode step (gpt-fast style; full-attention models in model-dtype KV). The first
     # decode step compiles (seconds to tens of seconds on CPU); later ones run the fused graph. With `speculative`,

@@ -102,6 +102,7 @@ class Engine:
             queue_args = {"max_batch": self.cfg.encoder_max_batch,
                           "intra_op_threads": self.cfg.encoder_threads or encoder_threads(workers)}
             self.queues = ModalityQueues(self.multimodal.processors(), self.multimodal.encode_modality, **queue_args)
+            self._encoder_cores = workers * queue_args["intra_op_threads"]
             if drafts_own:
                 self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
                                                    self.draft_multimodal.encode_modality, **queue_args)
@@ -276,7 +277,7 @@ class Engine:
     def step(self) -> list[int]:
         """One iteration: admit, run decode + prefill chunks in one forward, sample, retire. Returns the ids of
         requests that produced tokens or finished."""
-        with self._lock, self._weights:
+        with self._lock, self._weights, self._threads_beside_encoders():
             admission.collect_encoded(self.scheduler, self.multimodal, self.draft_multimodal)
             for seq in self.scheduler.admit():
                 admission.prepare_admitted(seq, self.scheduler, self.backbone, self.multimodal,
@@ -309,6 +310,22 @@ class Engine:
                         touched.append(row.seq.id)
             self.stats["steps"] += 1
             return touched
+
+    @contextlib.contextmanager
+    def _threads_beside_encoders(self) -> Iterator[None]:
+        """On the CPU, while encoder workers have inputs to encode, the step runs on the cores they leave (at least
+        one; EngineConfig.share_cores_with_encoders). The count is per calling thread (OpenMP), restored after."""
+        busy = (self.cfg.share_cores_with_encoders and self.queues is not None and self.scheduler.encoding
+                and self.device.type == "cpu")
+        threads = torch.get_num_threads()
+        if not busy or threads <= 1:
+            yield
+            return
+        torch.set_num_threads(max(1, threads - self._encoder_cores))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _packed_step(self, rows: list[ScheduledRow]) -> list[int]:
         """Every row's tokens in one packed forward: the weights are read once per step, nothing is padded."""
