@@ -33,7 +33,8 @@ class GatedCrossAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the modality tokens (B, T, M), (B, H, T, Dh) each. Computed once per request in decoding."""
+        """Keys and values of the modality tokens (B, T, M), (B, H, T, Dh) each. Computed once per request in
+        decoding."""
         B, T, _ = memory.shape
         kv = self.wkv(self.memory_norm(memory)).view(B, T, 2, self.n_heads, self.head_dim)
         k, v = kv.unbind(dim=2)  # (B, T, H, Dh)

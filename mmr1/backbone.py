@@ -168,9 +168,9 @@ class R1Model(nn.Module):
                 logits_at: torch.Tensor | None = None) -> R1Output:
         """input_ids (B, L); attention_mask (B, L) bool, True = real token (padding may sit anywhere, e.g. left);
         position_ids (B, L), by default counted over real tokens only (cached ones included);
-        cross_states (B, T, cross_attn_memory_dim or dim) modality tokens and cross_mask (B, T) bool for the cross-attention layers,
-        skipped when absent; cache: decode incrementally, the L tokens continue what the cache holds;
-        logits_at (K,) positions along L: only these get logits, (B, K, V) (an engine samples from a few
+        cross_states (B, T, cross_attn_memory_dim or dim) modality tokens and cross_mask (B, T) bool for the
+        cross-attention layers, skipped when absent; cache: decode incrementally, the L tokens continue what the
+        cache holds; logits_at (K,) positions along L: only these get logits, (B, K, V) (an engine samples from a few
         positions of a long prefill; transformers calls it logits_to_keep).
         """
         B, L = input_ids.shape
