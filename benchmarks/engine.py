@@ -149,7 +149,8 @@ def markdown(r: dict) -> str:
               "(smaller chunks measured worse on CPU), so it is the default's settings written out and mainly "
               "differs from the INT8 throughput profile and from the seed's baseline (the two settings its tuning "
               "table switches: KV quantization on, continuous batching off); (6) CPU timings are noisy (see the load average at start; "
-              "async encoding needs a free core for its workers); ratios are measured side by side."]
+              "async encoding runs its workers on a share of the cores, encoder_threads.md); ratios are measured "
+              "side by side."]
     return "\n".join(lines)
 
 
