@@ -32,26 +32,31 @@ def main(target_dir: str, draft_dir: str, data_dir: str, n: int = 64, rounds: in
     params = SamplingParams(max_new_tokens=8)
     setups = {"plain": (None, None), "draft": (SpeculativeConfig("draft", 3), draft),
               "prompt_lookup": (SpeculativeConfig("ngram", 3), None)}
-    engines = {name: Engine(target, tokenizer, EngineConfig(max_batch=1, speculative=spec), draft=draft_model)
-               for name, (spec, draft_model) in setups.items()}
-    for engine in engines.values():
-        engine.generate(warm_up, params)  # first calls (encoder workers, kernels) are not what is timed
-        engine.stats.update(drafted=0, accepted=0)
-    seconds = {name: [] for name in engines}
-    answers = {name: [] for name in engines}
-    names = list(engines)
+    seconds = {name: [] for name in setups}
+    answers = {name: [] for name in setups}
+    stats = {name: {"drafted": 0, "accepted": 0} for name in setups}
+    names = list(setups)
     for r, batch in enumerate(batches):
         for name in names[r % len(names):] + names[:r % len(names)]:  # each setup goes first in one round
-            engine = engines[name]
-            start = time.perf_counter()
-            answers[name] += [o.text for o in engine.generate(batch, params)]
-            seconds[name].append(time.perf_counter() - start)
+            # One engine at a time, as an application has: engines alive side by side run their encoder workers
+            # and decoders on the same cores.
+            spec, draft_model = setups[name]
+            engine = Engine(target, tokenizer, EngineConfig(max_batch=1, speculative=spec), draft=draft_model)
+            try:
+                engine.generate(warm_up, params)  # first calls (encoder workers, kernels) are not what is timed
+                engine.stats.update(drafted=0, accepted=0)
+                start = time.perf_counter()
+                answers[name] += [o.text for o in engine.generate(batch, params)]
+                seconds[name].append(time.perf_counter() - start)
+            finally:
+                engine.close()
+            for key in stats[name]:
+                stats[name][key] += engine.stats[key]
     report = {}
-    for name, engine in engines.items():
-        engine.close()
+    for name in setups:
         speedup = statistics.median(p / s for p, s in zip(seconds["plain"], seconds[name]))
         identical = answers[name] == answers["plain"]
-        drafted, accepted = engine.stats["drafted"], engine.stats["accepted"]
+        drafted, accepted = stats[name]["drafted"], stats[name]["accepted"]
         report[name] = {"seconds": seconds[name], "speedup": speedup, "identical": identical,
                         "acceptance_rate": accepted / drafted if drafted else None}
         rate = "" if drafted == 0 else f", acceptance {accepted / drafted:.0%} of {drafted} drafted tokens"
