@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import lightning
+import numpy as np
 import pytest
 import torch
 
@@ -47,11 +48,14 @@ def _tokenizer(tmp_path, words="what color is the square red green blue") -> R1T
 
 
 def _teacher(tmp_path, tokenizer: R1Tokenizer, name: str = "teacher", gate: float = 0.0):
-    """gate: the cross-attention gates' value (0, as built: the teacher's outputs ignore its modality tokens)."""
+    """gate: the cross-attention gates' value (0, as built: the teacher's outputs ignore its modality tokens); with
+    a gate, larger weights too, so that its next-token distributions are peaked and differ with the inputs."""
     torch.manual_seed(0)
     cfg = tiny_config()
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, vocab_size=tokenizer.vocab_size))
     teacher = MultimodalR1(cfg).eval()
+    if gate:
+        teacher.backbone.init_weights(std=0.3)
     with torch.no_grad():
         for block in teacher.backbone.layers:
             block.cross_attn.gate.fill_(gate)
@@ -151,6 +155,7 @@ def test_a_student_can_read_the_teachers_modality_tokens(tmp_path):
     assert module.tokenizer.tok.get_vocab() == teacher_tokenizer.tok.get_vocab()  # the teacher's modality markers
     # One text, three different image/audio inputs: the teacher's distributions differ between the rows only
     # through its modality tokens, so the student can only follow them by reading those tokens.
+    np.random.seed(0)  # batch_inputs' images and waveforms
     ids = torch.randint(5, tokenizer.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2)).expand(3, 10)
     mask = torch.ones(3, 10, dtype=torch.bool)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "modalities": batch_inputs(teacher)}
@@ -167,9 +172,9 @@ def test_a_student_can_read_the_teachers_modality_tokens(tmp_path):
     trainer = lightning.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 30, batch_size=None))
-    assert kl() < 0.2 * before
+    assert kl() < 0.5 * before  # 0.25-0.29 of it over four image/audio draws
     gate = module.model.backbone.layers[0].cross_attn.gate
-    assert gate.abs().item() > 0.05 and kl(with_memory=False) > 1.1 * kl()  # it uses the teacher's tokens
+    assert gate.abs().item() > 0.1 and kl(with_memory=False) > 1.2 * kl()  # it uses the teacher's tokens (1.3-1.5x)
     assert set(module.state_dict()) == {f"model.{k}" for k in module.model.state_dict()}
     assert not any(k.startswith("model.encoders") for k in module.state_dict())
     exported, _ = MultimodalR1.from_pretrained(module.model.save_pretrained(tmp_path / "student", module.tokenizer))
