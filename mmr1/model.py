@@ -58,6 +58,16 @@ class MultimodalConfig:
         return cls(backbone=backbone, encoders=encoders)
 
 
+def foreign_tokens_hint(backbone: R1Config, modalities: list[str]) -> str:
+    """For an input error: why a model without encoders whose cross-attention reads another model's modality tokens
+    (a draft distilled with modality_tokens: teacher) takes no image or audio itself; "" for any other model."""
+    if modalities or backbone.cross_attn_memory_dim is None:
+        return ""
+    return (f" (it has no encoders: its cross-attention reads another model's modality tokens, width "
+            f"{backbone.cross_attn_memory_dim}; a speculative draft distilled with modality_tokens: teacher runs as "
+            f"Engine(target, ..., draft=<it>))")
+
+
 def build_encoder(key: str, cfg: EncoderConfig) -> ModalityEncoder:
     encoder = encoder_registry.create_encoder(cfg.name, **cfg.kwargs)
     if not isinstance(encoder, ModalityEncoder):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from data_pipelines.errors import InputError
 from mmr1.engine import Engine, EngineConfig, SamplingParams
-from mmr1.model import MultimodalR1
+from mmr1.model import MultimodalR1, foreign_tokens_hint
 from mmr1.tokenizer import R1Tokenizer
 
 
@@ -74,7 +74,8 @@ class Pipeline:
     def _split_inputs(self, inputs: dict[str, Any], n: int, batched: bool) -> list[dict[str, Any]]:
         unknown = sorted(set(inputs) - set(self.model.modalities))
         if unknown:
-            raise TypeError(f"unknown input(s) {unknown}: this model takes {self.model.modalities}")
+            raise TypeError(f"unknown input(s) {unknown}: this model takes {self.model.modalities}"
+                            + foreign_tokens_hint(self.model.config.backbone, self.model.modalities))
         per_item: list[dict[str, Any]] = [{} for _ in range(n)]
         for key, value in inputs.items():
             if value is None:

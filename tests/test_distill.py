@@ -12,6 +12,7 @@ import torch
 
 from mmr1.distill import DistillConfig, distillation_loss, load_teacher
 from mmr1.model import MultimodalR1
+from mmr1.pipeline import Pipeline
 from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
 from mmr1.training import MMR1LightningModule
 from test_model import batch_inputs, tiny_config
@@ -179,6 +180,9 @@ def test_a_student_can_read_the_teachers_modality_tokens(tmp_path):
     assert not any(k.startswith("model.encoders") for k in module.state_dict())
     exported, _ = MultimodalR1.from_pretrained(module.model.save_pretrained(tmp_path / "student", module.tokenizer))
     assert exported.config.backbone.cross_attn_memory_dim == 32 and exported.modalities == []
+    # On its own it takes no image: the refusal says why and how such a model runs.
+    with pytest.raises(TypeError, match=r"takes \[\] \(it has no encoders: .* reads another model's modality"):
+        Pipeline(exported, module.tokenizer)("what color is the square", image=np.zeros((8, 8, 3), np.uint8))
 
 
 def test_a_student_that_cannot_read_the_teachers_tokens_is_refused(tmp_path):

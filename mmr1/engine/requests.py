@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence as Seq
 from data_pipelines.errors import InputError
 from mmr1.engine.block_manager import blocks_for
 from mmr1.engine.config import SamplingParams
+from mmr1.model import foreign_tokens_hint
 
 if TYPE_CHECKING:
     from mmr1.engine.engine import Engine
@@ -20,7 +21,8 @@ def checked_prompt_ids(engine: "Engine", prompt: str | Seq[int], params: Samplin
     modalities = engine.multimodal.modalities if engine.multimodal is not None else []
     unknown = sorted(set(inputs) - set(modalities))
     if unknown:
-        raise TypeError(f"Engine.add_request: unknown input(s) {unknown}; this model takes {modalities}")
+        raise TypeError(f"Engine.add_request: unknown input(s) {unknown}; this model takes {modalities}"
+                        + foreign_tokens_hint(engine.backbone.cfg, modalities))
     for modality, source in inputs.items():  # a missing file fails here, not later in an encoder worker
         if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
             raise InputError(f"{modality} file not found", source=str(source), item=input_item)
