@@ -149,6 +149,8 @@ def ask_main(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--draft", help="exported draft model directory: speculative decoding "
+                        "(configs/demo_draft.yaml)")
     args = parser.parse_args(argv)
     inputs = {"image": args.image, "audio": args.audio}
     for item in args.input:
@@ -160,7 +162,7 @@ def ask_main(argv: list[str]) -> int:
 
     from mmr1.pipeline import Pipeline
 
-    qa = Pipeline.from_pretrained(args.model)
+    qa = Pipeline.from_pretrained(args.model, draft=args.draft)
     try:
         unknown = sorted(set(inputs) - set(qa.model.modalities))
         if unknown:
@@ -182,6 +184,8 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
     parser.add_argument("--profile", help="engine profile YAML, e.g. configs/profiles/low_latency.yaml")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--draft", help="exported draft model directory: speculative decoding "
+                        "(configs/demo_draft.yaml)")
     args = parser.parse_args(argv)
     for module in ("fastapi", "uvicorn"):  # the optional dependencies: imported here, never when mmr1 is
         try:
@@ -195,7 +199,7 @@ def serve_main(argv: list[str]) -> int:
 
     engine_config = load_profile(args.profile) if args.profile else None
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          engine_config=engine_config, device=args.device)
+          engine_config=engine_config, device=args.device, draft=args.draft)
     return 0
 
 

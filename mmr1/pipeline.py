@@ -7,30 +7,40 @@
 
 The Pipeline is a thin front over `mmr1.Engine`: each modality's inputs are loaded, preprocessed and encoded in
 that modality's worker (async modality queues) and the questions are decoded together by continuous batching
-over the paged KV cache. Pass `engine_config=` (e.g. `load_profile("configs/profiles/low_latency.yaml")`) to tune.
+over the paged KV cache. Pass `engine_config=` (e.g. `load_profile("configs/profiles/low_latency.yaml")`) to tune,
+and `draft=` (an exported draft directory, e.g. `runs/demo_draft/export`) for speculative decoding.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
 from data_pipelines.errors import InputError
-from mmr1.engine import Engine, EngineConfig, SamplingParams
+from mmr1.engine import Engine, EngineConfig, SamplingParams, SpeculativeConfig
 from mmr1.model import MultimodalR1, foreign_tokens_hint
 from mmr1.tokenizer import R1Tokenizer
 
 
 class Pipeline:
     def __init__(self, model: MultimodalR1, tokenizer: R1Tokenizer, *, max_batch: int = 16,
-                 engine_config: EngineConfig | None = None):
+                 engine_config: EngineConfig | None = None, draft: MultimodalR1 | None = None):
+        """draft: a smaller model sharing the tokenizer for speculative decoding (configs/demo_draft.yaml); the
+        engine drafts with it (SpeculativeConfig("draft") unless `engine_config.speculative` says otherwise)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer, engine_config or EngineConfig(encoder_max_batch=max_batch))
+        config = engine_config or EngineConfig(encoder_max_batch=max_batch)
+        if draft is not None and config.speculative is None:
+            config = dataclasses.replace(config, speculative=SpeculativeConfig("draft"))
+        self.engine = Engine(model, tokenizer, config, draft=draft)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str = "cpu", **kwargs: Any) -> "Pipeline":
+    def from_pretrained(cls, directory: str | Path, *, device: str = "cpu", draft: str | Path | None = None,
+                        **kwargs: Any) -> "Pipeline":
+        """draft: an exported draft model directory (mmr1 export), loaded onto the same device."""
         model, tokenizer = MultimodalR1.from_pretrained(directory, map_location=device)
-        return cls(model, tokenizer, **kwargs)
+        draft_model = MultimodalR1.from_pretrained(draft, map_location=device)[0] if draft is not None else None
+        return cls(model, tokenizer, draft=draft_model, **kwargs)
 
     def close(self) -> None:
         self.engine.close()

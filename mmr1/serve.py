@@ -340,13 +340,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 # ---- running it --------------------------------------------------------------------------------------------
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          engine_config: EngineConfig | None = None, device: str = "cpu", log_level: str = "info") -> None:
-    """Load an exported model (mmr1 export) and serve it with uvicorn until interrupted."""
+          engine_config: EngineConfig | None = None, device: str = "cpu", log_level: str = "info",
+          draft: str | Path | None = None) -> None:
+    """Load an exported model (mmr1 export; `draft`: an exported draft for speculative decoding) and serve it with
+    uvicorn until interrupted."""
     import uvicorn
 
     from mmr1.pipeline import Pipeline
 
-    pipeline = Pipeline.from_pretrained(model_dir, device=device, engine_config=engine_config)
+    pipeline = Pipeline.from_pretrained(model_dir, device=device, engine_config=engine_config, draft=draft)
     try:
         app = build_app(pipeline, model_name=served_model_name or Path(model_dir).resolve().name)
         uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -145,7 +145,7 @@ def _token_reader(tmp_path, teacher_dir, **backbone) -> MMR1LightningModule:
                                distill=DistillConfig(str(teacher_dir), weight=1.0, modality_tokens="teacher"))
 
 
-def test_a_student_can_read_the_teachers_modality_tokens(tmp_path):
+def test_a_student_can_read_the_teachers_modality_tokens(tmp_path, capsys):
     """modality_tokens: teacher -- the student has no encoders; its cross-attention learns to read the teacher's
     modality tokens, and what it exports reads them too (the engine hands a draft its target's tokens)."""
     tokenizer = _tokenizer(tmp_path)
@@ -183,6 +183,26 @@ def test_a_student_can_read_the_teachers_modality_tokens(tmp_path):
     # On its own it takes no image: the refusal says why and how such a model runs.
     with pytest.raises(TypeError, match=r"takes \[\] \(it has no encoders: .* reads another model's modality"):
         Pipeline(exported, module.tokenizer)("what color is the square", image=np.zeros((8, 8, 3), np.uint8))
+    # As the teacher's draft, through the Pipeline and `mmr1 ask --draft`: the answers are the teacher's own.
+    images = [np.random.randint(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
+    questions = ["what color is the square", "is it red", "what is the square"]
+    plain, drafted = Pipeline.from_pretrained(teacher_dir), Pipeline.from_pretrained(teacher_dir,
+                                                                                     draft=tmp_path / "student")
+    try:
+        assert drafted(questions, image=images, max_new_tokens=6) == plain(questions, image=images, max_new_tokens=6)
+        assert drafted.engine.draft_multimodal is None and drafted.engine.stats["drafted"] > 0
+    finally:
+        plain.close()
+        drafted.close()
+    from PIL import Image
+
+    from mmr1.cli import main
+    Image.fromarray(images[0]).save(tmp_path / "x.png")
+    capsys.readouterr()
+    for extra in ([], ["--draft", str(tmp_path / "student")]):
+        assert main(["ask", "--model", str(teacher_dir), "is it red", "--image", str(tmp_path / "x.png"), *extra]) == 0
+    answers = capsys.readouterr().out.splitlines()
+    assert len(answers) == 2 and answers[0] == answers[1]
 
 
 def test_a_student_that_cannot_read_the_teachers_tokens_is_refused(tmp_path):
