@@ -94,9 +94,9 @@ def test_image_audio_text_mix_equals_single_request_greedy(async_encoding):
 def test_encoder_workers_share_the_cores_with_the_decoder(monkeypatch):
     """By default the decoder and each encoder worker (here image and audio) get an equal share of the cores; a
     2-core machine gives each worker one thread instead of PyTorch's default of every core."""
-    import mmr1.engine.engine as engine_module
-    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda pid: set(range(9)), raising=False)
-    assert engine_module.encoder_threads(2) == 3 and engine_module.encoder_threads(8) == 1
+    from mmr1.engine import cores
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(9)), raising=False)
+    assert cores.encoder_threads(2) == 3 and cores.encoder_threads(8) == 1
     model = multimodal_model()
     for configured, expected in ((None, 3), (2, 2)):
         eng = Engine(model, config=EngineConfig(**SMALL, encoder_threads=configured))

@@ -101,7 +101,7 @@ class EngineConfig:
     # a 2-core machine ran 6 busy threads and answered the demo's image/audio questions 1.9x slower.
     encoder_threads: Optional[int] = None
     # CPU: while the workers have inputs to encode, a step runs on the threads they leave (the caller's PyTorch
-    # thread count minus theirs, at least 1), then on all again (benchmarks/results/encoder_threads.md). An engine
+    # thread count minus theirs, at least 1), then on all again (mmr1/engine/cores.py, encoder_threads.md). An engine
     # shares the cores as if it were alone in its process.
     share_cores_with_encoders: bool = True
     speculative: Optional[SpeculativeConfig] = None

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import os
 import threading
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
@@ -23,7 +22,7 @@ import torch
 
 from fusion.queues import ModalityQueues
 from mmr1.backbone import R1Model
-from mmr1.engine import admission, cpu_linear, decode_attention, fronts
+from mmr1.engine import admission, cores, cpu_linear, decode_attention, fronts
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.encoding_cache import EncodingCache, files_key
@@ -36,17 +35,11 @@ from mmr1.engine.runner import forward_packed, forward_paged
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, compiled_feed_limit, solo_eligible, solo_forward
-from mmr1.engine.speculative import DraftModel, add_drafts, verify
+from mmr1.engine.speculative import DraftModel, add_drafts, check_draft, verify
 from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
 
 __all__ = ["Engine", "QueueFullError"]
-
-
-def encoder_threads(num_workers: int) -> int:
-    """PyTorch threads per encoder worker: the decoder and each worker get an equal share of the usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // (num_workers + 1))
 
 
 def _parts(model: Any) -> tuple[R1Model, Any]:
@@ -68,8 +61,8 @@ class Engine:
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
         param = next(self.backbone.parameters())
         self.device, self.dtype = param.device, param.dtype
-        max_len = self.backbone.cfg.max_seq_len
-        num_blocks = self.cfg.num_blocks or self.cfg.max_batch * blocks_for(max_len, self.cfg.block_size)
+        num_blocks = self.cfg.num_blocks or self.cfg.max_batch * blocks_for(self.backbone.cfg.max_seq_len,
+                                                                            self.cfg.block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.pool = PagedKVPool.for_model(self.backbone.cfg, num_blocks, self.cfg.block_size, self.dtype,
                                           self.cfg.kv_cache_dtype, self.device)
@@ -81,18 +74,7 @@ class Engine:
             draft_backbone, self.draft_multimodal = _parts(draft)
             if self.draft_multimodal is not None and not self.draft_multimodal.modalities:
                 self.draft_multimodal = None  # no encoders of its own: it reads the target's modality tokens
-            if draft_backbone.cfg.vocab_size != self.backbone.cfg.vocab_size:
-                raise ValueError(f"Engine: draft vocab_size={draft_backbone.cfg.vocab_size} != target "
-                                 f"{self.backbone.cfg.vocab_size}; the draft must share the tokenizer")
-            if draft_backbone.cfg.max_seq_len < max_len:
-                raise ValueError(f"Engine: draft max_seq_len={draft_backbone.cfg.max_seq_len} < target {max_len}")
-            memory_dim = draft_backbone.cfg.cross_attn_memory_dim or draft_backbone.cfg.dim
-            if (self.draft_multimodal is None and draft_backbone.cfg.cross_attn_layers
-                    and memory_dim != self.backbone.cfg.dim):
-                raise ValueError(f"Engine: a draft without encoders reads the target's modality tokens (width "
-                                 f"{self.backbone.cfg.dim}) but its cross-attention reads width {memory_dim} "
-                                 f"(cross_attn_memory_dim); distill it with modality_tokens: teacher from this "
-                                 f"target, or pass a MultimodalR1 draft with its own encoders")
+            check_draft(draft_backbone.cfg, self.backbone.cfg, reads_target_tokens=self.draft_multimodal is None)
             self.draft = DraftModel(draft_backbone, num_blocks, self.cfg.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.cfg, self.allocator, self.draft.allocator if self.draft else None)
         self.queues = self.draft_queues = None
@@ -100,7 +82,7 @@ class Engine:
             drafts_own = self.draft_multimodal is not None and bool(self.draft_multimodal.modalities)
             workers = len(self.multimodal.modalities) + (len(self.draft_multimodal.modalities) if drafts_own else 0)
             queue_args = {"max_batch": self.cfg.encoder_max_batch,
-                          "intra_op_threads": self.cfg.encoder_threads or encoder_threads(workers)}
+                          "intra_op_threads": self.cfg.encoder_threads or cores.encoder_threads(workers)}
             self.queues = ModalityQueues(self.multimodal.processors(), self.multimodal.encode_modality, **queue_args)
             self._encoder_cores = workers * queue_args["intra_op_threads"]
             if drafts_own:
@@ -311,21 +293,12 @@ class Engine:
             self.stats["steps"] += 1
             return touched
 
-    @contextlib.contextmanager
-    def _threads_beside_encoders(self) -> Iterator[None]:
-        """On the CPU, while encoder workers have inputs to encode, the step runs on the cores they leave (at least
-        one; EngineConfig.share_cores_with_encoders). The count is per calling thread (OpenMP), restored after."""
-        busy = (self.cfg.share_cores_with_encoders and self.queues is not None and self.scheduler.encoding
+    def _threads_beside_encoders(self) -> contextlib.AbstractContextManager:
+        """On the CPU, while encoder workers have inputs to encode, the step runs on the cores they leave
+        (EngineConfig.share_cores_with_encoders, mmr1/engine/cores.py)."""
+        busy = (self.cfg.share_cores_with_encoders and self.queues is not None and bool(self.scheduler.encoding)
                 and self.device.type == "cpu")
-        threads = torch.get_num_threads()
-        if not busy or threads <= 1:
-            yield
-            return
-        torch.set_num_threads(max(1, threads - self._encoder_cores))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+        return cores.threads_beside_encoders(self._encoder_cores if busy else 0)
 
     def _packed_step(self, rows: list[ScheduledRow]) -> list[int]:
         """Every row's tokens in one packed forward: the weights are read once per step, nothing is padded."""

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from mmr1.backbone import R1Model
+from mmr1.config import R1Config
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import SamplingParams, SpeculativeConfig
 from mmr1.engine.paged_cache import PagedKVPool
@@ -237,6 +238,22 @@ def add_drafts(rows: list[ScheduledRow], spec: SpeculativeConfig, draft: DraftMo
             r.draft_probs = q
         elif draft is not None:  # no room for the drafts: keep only the committed tokens' draft K/V
             draft.rollback(r.seq, len(r.seq.tokens))
+
+
+def check_draft(draft: R1Config, target: R1Config, reads_target_tokens: bool) -> None:
+    """Refuse a draft model the target cannot use: another vocabulary, a shorter context, or (one without
+    encoders, `reads_target_tokens`) cross-attention that reads another width than the target's modality tokens."""
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"Engine: draft vocab_size={draft.vocab_size} != target {target.vocab_size}; the draft "
+                         f"must share the tokenizer")
+    if draft.max_seq_len < target.max_seq_len:
+        raise ValueError(f"Engine: draft max_seq_len={draft.max_seq_len} < target {target.max_seq_len}")
+    memory_dim = draft.cross_attn_memory_dim or draft.dim
+    if reads_target_tokens and draft.cross_attn_layers and memory_dim != target.dim:
+        raise ValueError(f"Engine: a draft without encoders reads the target's modality tokens (width {target.dim}) "
+                         f"but its cross-attention reads width {memory_dim} (cross_attn_memory_dim); distill it with "
+                         f"modality_tokens: teacher from this target, or pass a MultimodalR1 draft with its own "
+                         f"encoders")
 
 
 def truncated_draft(model: R1Model, n_layers: int) -> R1Model:
