@@ -50,8 +50,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: R1Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.cross_attn = (GatedCrossAttention(cfg.dim, cfg.cross_attn_heads, cfg.norm_eps,
-                                               cfg.cross_attn_memory_dim)
+        self.cross_attn = (GatedCrossAttention(cfg.dim, cfg.cross_attn_heads, cfg.norm_eps, cfg.memory_width)
                            if layer_idx in cfg.cross_attn_layers else None)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, layer_idx, cfg.dropout, cfg.attention_bias,
@@ -168,7 +167,7 @@ class R1Model(nn.Module):
                 logits_at: torch.Tensor | None = None) -> R1Output:
         """input_ids (B, L); attention_mask (B, L) bool, True = real token (padding may sit anywhere, e.g. left);
         position_ids (B, L), by default counted over real tokens only (cached ones included);
-        cross_states (B, T, cross_attn_memory_dim or dim) modality tokens and cross_mask (B, T) bool for the
+        cross_states (B, T, cfg.memory_width) modality tokens and cross_mask (B, T) bool for the
         cross-attention layers, skipped when absent; cache: decode incrementally, the L tokens continue what the
         cache holds; logits_at (K,) positions along L: only these get logits, (B, K, V) (an engine samples from a few
         positions of a long prefill; transformers calls it logits_to_keep).

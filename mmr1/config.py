@@ -187,6 +187,11 @@ class R1Config:
     attention_block_size: int = 256  # query block of the blocked O(L * window) local attention
     rope_scaling: Optional[RopeScaling] = None  # None: plain RoPE
 
+    @property
+    def memory_width(self) -> int:
+        """Width of the modality tokens the cross-attention layers read."""
+        return self.cross_attn_memory_dim or self.dim
+
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
             raise ValueError(f"R1Config: dim={self.dim} not divisible by n_heads={self.n_heads}")

@@ -96,10 +96,10 @@ def check_student_reads_teacher_tokens(cfg: DistillConfig, student_config: Any) 
     if teacher.encoders and not backbone.cross_attn_layers:
         raise ValueError("model.distill.modality_tokens=teacher: the student has no cross_attn_layers to read the "
                          "teacher's modality tokens with; set model.backbone.cross_attn_layers")
-    width = backbone.cross_attn_memory_dim or backbone.dim
-    if teacher.encoders and width != teacher.backbone.dim:
+    if teacher.encoders and backbone.memory_width != teacher.backbone.dim:
         raise ValueError(f"model.distill.modality_tokens=teacher: the teacher's modality tokens have width "
-                         f"{teacher.backbone.dim} but the student's cross-attention reads width {width}; set "
+                         f"{teacher.backbone.dim} but the student's cross-attention reads width "
+                         f"{backbone.memory_width}; set "
                          f"model.backbone.cross_attn_memory_dim: {teacher.backbone.dim}")
     return list(teacher.encoders)
 

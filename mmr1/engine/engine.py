@@ -84,7 +84,6 @@ class Engine:
             queue_args = {"max_batch": self.cfg.encoder_max_batch,
                           "intra_op_threads": self.cfg.encoder_threads or cores.encoder_threads(workers)}
             self.queues = ModalityQueues(self.multimodal.processors(), self.multimodal.encode_modality, **queue_args)
-            self._encoder_cores = workers * queue_args["intra_op_threads"]
             if drafts_own:
                 self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
                                                    self.draft_multimodal.encode_modality, **queue_args)
@@ -298,7 +297,10 @@ class Engine:
         (EngineConfig.share_cores_with_encoders, mmr1/engine/cores.py)."""
         busy = (self.cfg.share_cores_with_encoders and self.queues is not None and bool(self.scheduler.encoding)
                 and self.device.type == "cpu")
-        return cores.threads_beside_encoders(self._encoder_cores if busy else 0)
+        if not busy:
+            return cores.threads_beside_encoders(0)
+        workers = [q for q in (self.queues, self.draft_queues) if q is not None]
+        return cores.threads_beside_encoders(sum(q.intra_op_threads * len(q.processors) for q in workers))
 
     def _packed_step(self, rows: list[ScheduledRow]) -> list[int]:
         """Every row's tokens in one packed forward: the weights are read once per step, nothing is padded."""

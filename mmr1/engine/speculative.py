@@ -248,12 +248,11 @@ def check_draft(draft: R1Config, target: R1Config, reads_target_tokens: bool) ->
                          f"must share the tokenizer")
     if draft.max_seq_len < target.max_seq_len:
         raise ValueError(f"Engine: draft max_seq_len={draft.max_seq_len} < target {target.max_seq_len}")
-    memory_dim = draft.cross_attn_memory_dim or draft.dim
-    if reads_target_tokens and draft.cross_attn_layers and memory_dim != target.dim:
+    if reads_target_tokens and draft.cross_attn_layers and draft.memory_width != target.dim:
         raise ValueError(f"Engine: a draft without encoders reads the target's modality tokens (width {target.dim}) "
-                         f"but its cross-attention reads width {memory_dim} (cross_attn_memory_dim); distill it with "
-                         f"modality_tokens: teacher from this target, or pass a MultimodalR1 draft with its own "
-                         f"encoders")
+                         f"but its cross-attention reads width {draft.memory_width} (cross_attn_memory_dim); "
+                         f"distill it with modality_tokens: teacher from this target, or pass a MultimodalR1 draft "
+                         f"with its own encoders")
 
 
 def truncated_draft(model: R1Model, n_layers: int) -> R1Model:
