@@ -22,7 +22,9 @@ without gradients on every training batch; validation reports the student's own 
 With `modality_tokens: teacher` the student has no encoders: its cross-attention reads the teacher's modality
 tokens (`backbone.cross_attn_memory_dim`: the teacher's dim), in training and, as a draft, in the engine, which
 hands it the target's tokens instead of encoding each request's images and audio a second time (EAGLE's drafts
-read their target's features likewise). Such a student runs only beside that teacher (or target).
+read their target's features likewise). Such a student runs only beside that teacher (or target): its export
+records the teacher (`token_source`: its directory and the fingerprint of its encoders, projectors and modality
+embeddings), and the engine warns when a draft's recorded fingerprint is not its target's.
 """
 from __future__ import annotations
 
@@ -102,6 +104,41 @@ def check_student_reads_teacher_tokens(cfg: DistillConfig, student_config: Any) 
                          f"{backbone.memory_width}; set "
                          f"model.backbone.cross_attn_memory_dim: {teacher.backbone.dim}")
     return list(teacher.encoders)
+
+
+class Teacher:
+    """The frozen teacher of a distillation run. The LightningModule keeps it outside its module tree, so it is
+    never optimized, moved by Lightning, or saved with the student; `placed_like` follows the student instead."""
+
+    def __init__(self, cfg: DistillConfig, student: Any, student_tokenizer: Any):
+        self.cfg = cfg
+        self.model = load_teacher(cfg, student, student_tokenizer)
+
+    def placed_like(self, student: torch.nn.Module) -> None:
+        """Move the teacher to the student's device and its parameters' dtype (bf16-true: bf16)."""
+        weight, own = next(self.model.parameters()), next(student.parameters())
+        if weight.device != own.device or weight.dtype != own.dtype:
+            self.model.to(device=own.device, dtype=own.dtype)
+
+    def memory(self, batch: dict[str, Any], encode_absent: bool = False
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The teacher's modality tokens and mask for a batch, (B, T, teacher dim) and (B, T), without gradient."""
+        with torch.no_grad():
+            return self.model.encode_batch(batch.get("modalities") or {}, batch["input_ids"].shape[0],
+                                           encode_absent=encode_absent)
+
+    def logits(self, batch: dict[str, Any], memory: tuple | None = None) -> torch.Tensor:
+        """(B, L, V) without gradient; `memory`: the teacher's modality tokens and mask when already computed."""
+        with torch.no_grad():
+            if memory is None:
+                return self.model(batch["input_ids"], batch["attention_mask"], batch.get("modalities")).logits
+            return self.model.backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       cross_states=memory[0], cross_mask=memory[1]).logits
+
+    def token_source(self) -> Any:
+        """What a student that reads this teacher's modality tokens records in its config."""
+        from mmr1.model import TokenSource
+        return TokenSource(model=str(self.cfg.teacher), fingerprint=self.model.modality_fingerprint())
 
 
 def load_teacher(cfg: DistillConfig, student: Any, student_tokenizer: Any) -> torch.nn.Module:

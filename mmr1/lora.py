@@ -1,6 +1,7 @@
 """LoRA through peft: `apply_lora(model, cfg)` adds low-rank adapters to the chosen parts of the backbone and
 freezes the rest (encoders and projectors train or not as configured); `merge_lora(model)` folds the adapters
 into the weights and gives back the plain MultimodalR1 (same parameter names as a model never adapted).
+`select_trainable(model, patterns)` is the other way to train a part (staged recipes): by parameter-name regexes.
 
 Targets (`LoRAConfig.targets`):
     attention         self-attention wq, wk, wv, wo of every block
@@ -93,3 +94,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def select_trainable(model: nn.Module, patterns: list[str]) -> nn.Module:
+    """Train exactly the parameters whose name matches one of the regexes `patterns` (in place)."""
+    matched = 0
+    for name, param in model.named_parameters():
+        train = any(re.search(p, name) for p in patterns)
+        param.requires_grad_(train)
+        matched += train
+    if not matched:
+        raise ValueError(f"model.trainable={patterns} matches no parameter name (names look like "
+                         f"{[n for n, _ in model.named_parameters()][:3]})")
+    for encoder in getattr(model, "encoders", {}).values():  # an encoder with nothing to train runs frozen
+        if not any(p.requires_grad for p in encoder.parameters()):
+            encoder.set_frozen(True)
+    return model

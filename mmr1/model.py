@@ -5,6 +5,7 @@ cross-attention. One config dataclass (`MultimodalConfig`) describes the whole m
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,25 +38,43 @@ class EncoderConfig:
 
 
 @dataclass
+class TokenSource:
+    """For a model without encoders whose cross-attention reads another model's modality tokens (a draft distilled
+    with modality_tokens: teacher): which model that was, and the fingerprint of what made its tokens
+    (`MultimodalR1.modality_fingerprint`), so the engine can tell a draft paired with another target."""
+
+    model: str  # the teacher's directory, as the training config named it
+    fingerprint: str
+
+
+@dataclass
 class MultimodalConfig:
     backbone: R1Config = field(default_factory=R1Config)
     encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    token_source: Optional[TokenSource] = None
 
     def to_dict(self) -> dict:
-        return {"backbone": config_to_dict(self.backbone),
+        data = {"backbone": config_to_dict(self.backbone),
                 "encoders": {k: config_to_dict(v) for k, v in self.encoders.items()}}
+        if self.token_source is not None:  # absent otherwise: exports of other models read as they always did
+            data["token_source"] = config_to_dict(self.token_source)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MultimodalConfig":
-        unknown = sorted(set(data) - {"backbone", "encoders"})
+        unknown = sorted(set(data) - {"backbone", "encoders", "token_source"})
         if unknown:
-            raise ValueError(f"MultimodalConfig: unknown field(s) {unknown}; expected 'backbone' and 'encoders'")
+            raise ValueError(f"MultimodalConfig: unknown field(s) {unknown}; expected 'backbone', 'encoders' and "
+                             f"(optionally) 'token_source'")
         encoders = {k: v if isinstance(v, EncoderConfig) else config_from_dict(EncoderConfig, v)
                     for k, v in (data.get("encoders") or {}).items()}
         backbone = data.get("backbone") or {}
         if not isinstance(backbone, R1Config):
             backbone = config_from_dict(R1Config, backbone)
-        return cls(backbone=backbone, encoders=encoders)
+        source = data.get("token_source")
+        if source is not None and not isinstance(source, TokenSource):
+            source = config_from_dict(TokenSource, source)
+        return cls(backbone=backbone, encoders=encoders, token_source=source)
 
 
 def foreign_tokens_hint(backbone: R1Config, modalities: list[str]) -> str:
@@ -104,6 +123,22 @@ class MultimodalR1(nn.Module):
 
     def processors(self) -> dict[str, ModalityProcessor]:
         return {k: enc.processor for k, enc in self.encoders.items()}
+
+    def modality_fingerprint(self) -> str:
+        """A hash of everything that makes this model's modality tokens (encoders, projectors, modality
+        embeddings: names, shapes, values rounded to bf16, so an fp32 model and its bf16 copy agree). The backbone
+        is left out: fine-tuning it keeps the tokens a draft reads. "" for a model without encoders."""
+        if not self.encoders:
+            return ""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            if name.startswith(("encoders.", "projectors.", "modality_embeddings.")):
+                digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+                values = tensor.detach().to("cpu")
+                if values.is_floating_point():
+                    values = values.to(torch.bfloat16).view(torch.int16)  # numpy has no bf16
+                digest.update(values.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # ---- encoding and fusion ----------------------------------------------------------------------
     def encode_modality(self, key: str, values: torch.Tensor, mask: torch.Tensor | None = None
@@ -206,7 +241,8 @@ class MultimodalR1(nn.Module):
             arch = getattr(self.encoders[key], "architecture_kwargs", None)
             kwargs = arch() if callable(arch) else dict(cfg.kwargs)
             encoders[key] = dataclasses.replace(cfg, kwargs=kwargs)
-        return MultimodalConfig(backbone=self.config.backbone, encoders=encoders)
+        return MultimodalConfig(backbone=self.config.backbone, encoders=encoders,
+                                token_source=self.config.token_source)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"

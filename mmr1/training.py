@@ -9,23 +9,22 @@ teacher-forced answer accuracy (per question type on validation) and tokens/s.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections import defaultdict
 from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mmr1.config import R1Config, config_to_dict
-from mmr1.distill import DistillConfig, check_student_reads_teacher_tokens, distillation_loss, load_teacher
+from mmr1.distill import DistillConfig, Teacher, check_student_reads_teacher_tokens, distillation_loss
 from mmr1.model import EncoderConfig, MultimodalConfig, MultimodalR1
 from mmr1.moe import MoEAux, MoEFeedForward
-from mmr1.lora import LoRAConfig, apply_lora, parameter_counts
+from mmr1.lora import LoRAConfig, apply_lora, parameter_counts, select_trainable
 from mmr1.parallel.config import ParallelConfig
+from mmr1.rng import rng_states, set_rng_states
 from mmr1.telemetry import MOE_OUTPUTS_KEY
 from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
 
@@ -152,31 +151,25 @@ class MMR1LightningModule(L.LightningModule):
 
     def processors(self):
         # A student that reads the teacher's modality tokens has no encoders: the batches carry the teacher's inputs.
-        return self._teacher_model().processors() if self.reads_teacher_tokens else self.model.processors()
+        return self._placed_teacher().model.processors() if self.reads_teacher_tokens else self.model.processors()
 
     def setup(self, stage: str) -> None:
         if self.distill is not None and (stage == "fit" or self.reads_teacher_tokens):
-            self._teacher_model()
+            self._placed_teacher()
 
-    def _teacher_model(self) -> torch.nn.Module:
-        """The frozen teacher (loaded on first use), on the student's device in its parameters' dtype (bf16-true:
-        bf16)."""
+    def _placed_teacher(self) -> Teacher:
+        """The frozen teacher (loaded on first use) placed like the student. A student that reads its modality
+        tokens records which teacher made them (its config's token_source, carried into checkpoints and exports)."""
         if self._teacher is None:
-            object.__setattr__(self, "_teacher", load_teacher(self.distill, self.model, self.tokenizer))
-        weight, own = next(self._teacher.parameters()), next(self.model.parameters())
-        if weight.device != own.device or weight.dtype != own.dtype:
-            self._teacher.to(device=own.device, dtype=own.dtype)
+            object.__setattr__(self, "_teacher", Teacher(self.distill, self.model, self.tokenizer))
+            if self.reads_teacher_tokens:
+                self.model.config.token_source = self._teacher.token_source()
+        self._teacher.placed_like(self.model)
         return self._teacher
-
-    def _teacher_memory(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The teacher's modality tokens and mask for a batch, (B, T, teacher dim) and (B, T), without gradient."""
-        with torch.no_grad():
-            return self._teacher_model().encode_batch(batch.get("modalities") or {}, batch["input_ids"].shape[0],
-                                                      encode_absent=self.distributed)
 
     def on_fit_start(self) -> None:
         if self.distill is not None:
-            self._teacher_model()
+            self._placed_teacher()
         counts = parameter_counts(self.model)
         rank_zero_info(f"mmr1: {counts['trainable']:,} of {counts['total']:,} parameters train "
                        f"({100 * counts['trainable'] / max(1, counts['total']):.2f} %)")
@@ -237,7 +230,7 @@ class MMR1LightningModule(L.LightningModule):
         # same collectives in the same order whatever modalities each rank's batch carries.
         memory = None
         if self.reads_teacher_tokens:
-            memory = self._teacher_memory(batch)
+            memory = self._placed_teacher().memory(batch, encode_absent=self.distributed)
             out = self.model.backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
                                       cross_states=memory[0], cross_mask=memory[1])
         else:
@@ -286,14 +279,8 @@ class MMR1LightningModule(L.LightningModule):
     def _distill_loss(self, batch: dict[str, Any], logits: torch.Tensor, targets: torch.Tensor,
                       global_tokens: bool, memory: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The distillation term against the teacher's logits on the same batch, normalized like _lm_loss.
-        memory: the teacher's modality tokens and mask when they are already computed (_teacher_memory)."""
-        teacher = self._teacher_model()
-        with torch.no_grad():
-            if memory is None:
-                teacher_logits = teacher(batch["input_ids"], batch["attention_mask"], batch.get("modalities")).logits
-            else:
-                teacher_logits = teacher.backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                                  cross_states=memory[0], cross_mask=memory[1]).logits
+        memory: the teacher's modality tokens and mask when they are already computed."""
+        teacher_logits = self._placed_teacher().logits(batch, memory)
         T = self.distill.temperature
         if not global_tokens:
             loss = distillation_loss(logits, teacher_logits, targets, T)
@@ -350,7 +337,7 @@ class MMR1LightningModule(L.LightningModule):
                                                        and bool(batch["modalities"][k]["present"][i])])
                    for i, q in enumerate(batch["questions"])]
         if self.reads_teacher_tokens:
-            cross_states, cross_mask = self._teacher_memory(batch)
+            cross_states, cross_mask = self._placed_teacher().memory(batch, encode_absent=self.distributed)
         else:
             cross_states, cross_mask = self.model.encode_batch(batch.get("modalities") or {}, len(prompts),
                                                                encode_absent=self.distributed)
@@ -443,46 +430,6 @@ class MMR1LightningModule(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         if states and len(states) == (self.trainer.world_size if self._trainer is not None else 1):
             set_rng_states(states[rank])
-
-
-def select_trainable(model: torch.nn.Module, patterns: list[str]) -> torch.nn.Module:
-    """Train exactly the parameters whose name matches one of the regexes `patterns` (in place)."""
-    import re
-
-    matched = 0
-    for name, param in model.named_parameters():
-        train = any(re.search(p, name) for p in patterns)
-        param.requires_grad_(train)
-        matched += train
-    if not matched:
-        raise ValueError(f"model.trainable={patterns} matches no parameter name (names look like "
-                         f"{[n for n, _ in model.named_parameters()][:3]})")
-    for encoder in getattr(model, "encoders", {}).values():  # an encoder with nothing to train runs frozen
-        if not any(p.requires_grad for p in encoder.parameters()):
-            encoder.set_frozen(True)
-    return model
-
-
-def rng_states() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU + CUDA) RNG states as plain lists (all_gather_object-able; checkpoints
-    still load with weights_only=True)."""
-    version, state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {"python": [version, list(state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-           "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    version, state, gauss = states["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
 def _bf16_autocast(plugin: Any) -> bool:

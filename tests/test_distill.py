@@ -4,6 +4,7 @@ student's parameters and checkpoints), and a teacher that cannot read the studen
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import lightning
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from mmr1.distill import DistillConfig, distillation_loss, load_teacher
-from mmr1.model import MultimodalR1
+from mmr1.model import MultimodalR1, TokenSource
 from mmr1.pipeline import Pipeline
 from mmr1.tokenizer import IGNORE_INDEX, R1Tokenizer
 from mmr1.training import MMR1LightningModule
@@ -95,7 +96,7 @@ def test_training_moves_the_student_to_the_teacher(tmp_path):
     assert kl() < 0.2 * before
     # The teacher ran (frozen) beside the student, but is not part of it: not trained, not in its state.
     assert module._teacher is not None and all(not p.requires_grad and p.grad is None
-                                               for p in module._teacher.parameters())
+                                               for p in module._teacher.model.parameters())
     assert set(module.state_dict()) == {f"model.{k}" for k in module.model.state_dict()}
     assert module.hparams["distill"] == {"teacher": str(teacher_dir), "weight": 1.0, "temperature": 1.0,
                                          "modality_tokens": "own"}
@@ -132,7 +133,7 @@ def test_the_teacher_follows_the_students_device_and_dtype(tmp_path):
     trainer = lightning.Trainer(max_steps=2, accelerator="cpu", precision="bf16-true", logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))
-    assert {p.dtype for p in module._teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module._teacher.model.parameters()} == {torch.bfloat16}
 
 
 def _token_reader(tmp_path, teacher_dir, **backbone) -> MMR1LightningModule:
@@ -180,14 +181,18 @@ def test_a_student_can_read_the_teachers_modality_tokens(tmp_path, capsys):
     assert not any(k.startswith("model.encoders") for k in module.state_dict())
     exported, _ = MultimodalR1.from_pretrained(module.model.save_pretrained(tmp_path / "student", module.tokenizer))
     assert exported.config.backbone.cross_attn_memory_dim == 32 and exported.modalities == []
+    # It records the teacher whose tokens it reads, so the engine can tell when it drafts for another target.
+    assert exported.config.token_source == TokenSource(str(teacher_dir), teacher.modality_fingerprint())
     # On its own it takes no image: the refusal says why and how such a model runs.
     with pytest.raises(TypeError, match=r"takes \[\] \(it has no encoders: .* reads another model's modality"):
         Pipeline(exported, module.tokenizer)("what color is the square", image=np.zeros((8, 8, 3), np.uint8))
     # As the teacher's draft, through the Pipeline and `mmr1 ask --draft`: the answers are the teacher's own.
     images = [np.random.randint(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
     questions = ["what color is the square", "is it red", "what is the square"]
-    plain, drafted = Pipeline.from_pretrained(teacher_dir), Pipeline.from_pretrained(teacher_dir,
-                                                                                     draft=tmp_path / "student")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # its own teacher: no warning about another target
+        plain, drafted = Pipeline.from_pretrained(teacher_dir), Pipeline.from_pretrained(teacher_dir,
+                                                                                         draft=tmp_path / "student")
     try:
         assert drafted(questions, image=images, max_new_tokens=6) == plain(questions, image=images, max_new_tokens=6)
         assert drafted.engine.draft_multimodal is None and drafted.engine.stats["drafted"] > 0

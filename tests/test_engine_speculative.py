@@ -138,6 +138,35 @@ def test_a_draft_without_encoders_reads_the_targets_modality_tokens():
                draft=MultimodalR1(narrow))
 
 
+def test_a_draft_that_read_another_targets_tokens_is_warned_about():
+    """A draft records the teacher whose modality tokens it learned to read (config.token_source); paired with a
+    target whose encoders/projectors differ it gets a warning (outputs stay exact), with its own teacher none."""
+    import copy
+    import warnings
+
+    from mmr1.model import MultimodalConfig, MultimodalR1, TokenSource
+    model = multimodal_model()
+    source = TokenSource(model="runs/demo/export", fingerprint=model.modality_fingerprint())
+    draft = MultimodalR1(MultimodalConfig(backbone=model.config.backbone, token_source=source)).eval()
+    config = EngineConfig(**SMALL, speculative=SpeculativeConfig("draft", 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(model, config=config, draft=draft).close()
+        Engine(copy.deepcopy(model).to(torch.bfloat16), config=config, draft=draft.to(torch.bfloat16)).close()
+    other = copy.deepcopy(model).float()
+    with torch.no_grad():
+        next(other.projectors.parameters()).add_(0.1)
+    with pytest.warns(UserWarning, match=r"modality tokens of runs/demo/export \(fingerprint "
+                                         rf"{source.fingerprint}\), but .* fingerprint {other.modality_fingerprint()}"):
+        eng = Engine(other, config=config, draft=draft.float())
+    requests = [{"prompt": [1, 3, 10, 4], **raw_inputs(0)}, {"prompt": [5, 6, 4]}]
+    outs = eng.generate(requests, SamplingParams(max_new_tokens=6))
+    refs = [multimodal_reference(other, r["prompt"], {k: r[k] for k in ("image", "audio") if k in r}, 6)
+            for r in requests]
+    assert [o.token_ids for o in outs] == refs
+    eng.close()
+
+
 def test_draft_length_follows_acceptance_and_backs_off():
     length = DraftLength(4)
     assert length.next_length() == 4

@@ -11,9 +11,8 @@ from e2e_utils import tiny_demo_config
 from mmr1.checkpoint import model_from_checkpoint
 from mmr1.cli import main
 from mmr1.generation import generate
-from mmr1.lora import LoRAConfig, apply_lora, has_lora, merge_lora, parameter_counts
+from mmr1.lora import LoRAConfig, apply_lora, has_lora, merge_lora, parameter_counts, select_trainable
 from mmr1.model import MultimodalR1
-from mmr1.training import select_trainable
 from scale_utils import run_fit, scale_config, train_losses
 from test_model import batch_inputs, tiny_config
 

@@ -1,6 +1,10 @@
-"""MultimodalR1 assembly: gate-0 equivalence with the text-only backbone, fusion masks, save/load, README plug-in."""
+"""MultimodalR1 assembly: gate-0 equivalence with the text-only backbone, fusion masks, save/load, the modality
+fingerprint and token source, README plug-in."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -9,7 +13,7 @@ import pytest
 import torch
 
 from mmr1.config import MoEConfig, R1Config
-from mmr1.model import MultimodalConfig, MultimodalR1
+from mmr1.model import MultimodalConfig, MultimodalR1, TokenSource
 from mmr1.tokenizer import R1Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +90,34 @@ def test_save_and_load_pretrained(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         (tmp_path / "m" / "model.safetensors").unlink()
         MultimodalR1.from_pretrained(tmp_path / "m")
+
+
+def test_modality_fingerprint_covers_what_makes_the_modality_tokens():
+    """Equal for a bf16 copy and after a backbone change; different once an encoder or projector weight moves."""
+    torch.manual_seed(0)
+    model = MultimodalR1(tiny_config()).eval()
+    fingerprint = model.modality_fingerprint()
+    assert len(fingerprint) == 16 and MultimodalR1(MultimodalConfig()).modality_fingerprint() == ""
+    assert copy.deepcopy(model).to(torch.bfloat16).modality_fingerprint() == fingerprint
+    with torch.no_grad():
+        model.backbone.tok_embeddings.weight.add_(1.0)
+        assert model.modality_fingerprint() == fingerprint
+        for name in ("projectors", "encoders"):
+            changed = copy.deepcopy(model)
+            next(getattr(changed, name).parameters()).add_(1e-2)
+            assert changed.modality_fingerprint() != fingerprint, name
+
+
+def test_token_source_round_trips_and_is_absent_otherwise(tmp_path):
+    source = TokenSource(model="runs/demo/export", fingerprint="0123456789abcdef")
+    draft = MultimodalConfig(backbone=dataclasses.replace(tiny_config().backbone, cross_attn_memory_dim=48),
+                             token_source=source)
+    assert MultimodalConfig.from_dict(json.loads(json.dumps(draft.to_dict()))) == draft
+    assert "token_source" not in tiny_config().to_dict()  # other models' config.json files are unchanged
+    tokenizer = R1Tokenizer.train(["what color is it red blue"] * 3, vocab_size=64)
+    saved = json.loads((MultimodalR1(draft).save_pretrained(tmp_path / "d", tokenizer) / "config.json").read_text())
+    assert saved["token_source"] == {"model": "runs/demo/export", "fingerprint": "0123456789abcdef"}
+    assert MultimodalR1.from_pretrained(tmp_path / "d")[0].config.token_source == source
 
 
 def test_model_config_errors_are_clear():

@@ -35,7 +35,7 @@ from mmr1.engine.runner import forward_packed, forward_paged
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, compiled_feed_limit, solo_eligible, solo_forward
-from mmr1.engine.speculative import DraftModel, add_drafts, check_draft, verify
+from mmr1.engine.speculative import DraftModel, add_drafts, check_draft, check_token_source, verify
 from mmr1.engine.stopping import commit_token, end_ids
 from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
 
@@ -73,6 +73,7 @@ class Engine:
                 raise ValueError("EngineConfig.speculative.method='draft' needs Engine(..., draft=<smaller model>)")
             draft_backbone, self.draft_multimodal = _parts(draft)
             if self.draft_multimodal is not None and not self.draft_multimodal.modalities:
+                check_token_source(self.draft_multimodal, self.multimodal)
                 self.draft_multimodal = None  # no encoders of its own: it reads the target's modality tokens
             check_draft(draft_backbone.cfg, self.backbone.cfg, reads_target_tokens=self.draft_multimodal is None)
             self.draft = DraftModel(draft_backbone, num_blocks, self.cfg.block_size, self.dtype, self.device)

@@ -10,6 +10,8 @@ identical to plain greedy. Prompt lookup has no distribution: it is a point mass
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from typing import Any
 
 import torch
 
@@ -253,6 +255,23 @@ def check_draft(draft: R1Config, target: R1Config, reads_target_tokens: bool) ->
                          f"but its cross-attention reads width {draft.memory_width} (cross_attn_memory_dim); "
                          f"distill it with modality_tokens: teacher from this target, or pass a MultimodalR1 draft "
                          f"with its own encoders")
+
+
+def check_token_source(draft: Any, target: Any) -> None:
+    """Warn when a draft that reads its target's modality tokens (a MultimodalR1 without encoders) recorded a
+    teacher (`config.token_source`) whose encoders, projectors and modality embeddings are not this target's: it
+    reads tokens it was not trained on, so few of its drafts are accepted. Outputs are still the target's own,
+    hence a warning, not an error. `target`: the target's MultimodalR1, or None (a bare backbone)."""
+    source = draft.config.token_source
+    if source is None or target is None or not target.modalities:
+        return
+    fingerprint = target.modality_fingerprint()
+    if fingerprint != source.fingerprint:
+        warnings.warn(f"Engine: the draft was distilled to read the modality tokens of {source.model} (fingerprint "
+                      f"{source.fingerprint}), but this target's encoders, projectors and modality embeddings have "
+                      f"fingerprint {fingerprint}; the draft reads tokens it was not trained on, so expect few "
+                      f"accepted drafts (outputs stay the target's own). Distill a draft from this target.",
+                      UserWarning, stacklevel=3)
 
 
 def truncated_draft(model: R1Model, n_layers: int) -> R1Model:
