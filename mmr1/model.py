@@ -77,14 +77,17 @@ class MultimodalConfig:
         return cls(backbone=backbone, encoders=encoders, token_source=source)
 
 
-def foreign_tokens_hint(backbone: R1Config, modalities: list[str]) -> str:
+def foreign_tokens_hint(backbone: R1Config, modalities: list[str], source: Optional[TokenSource] = None) -> str:
     """For an input error: why a model without encoders whose cross-attention reads another model's modality tokens
-    (a draft distilled with modality_tokens: teacher) takes no image or audio itself; "" for any other model."""
-    if modalities or backbone.cross_attn_memory_dim is None:
+    (a draft distilled with modality_tokens: teacher) takes no image or audio itself, and, when it recorded its
+    teacher (`source`), which target to run it with; "" for any other model."""
+    if modalities or (backbone.cross_attn_memory_dim is None and source is None):
         return ""
+    target = (f"; it was distilled from {source.model}: Pipeline.from_pretrained({source.model!r}, draft=<its "
+              f"directory>)" if source is not None else "")
     return (f" (it has no encoders: its cross-attention reads another model's modality tokens, width "
-            f"{backbone.cross_attn_memory_dim}; a speculative draft distilled with modality_tokens: teacher runs as "
-            f"Engine(target, ..., draft=<it>))")
+            f"{backbone.memory_width}; a speculative draft distilled with modality_tokens: teacher runs as "
+            f"Engine(target, ..., draft=<it>){target})")
 
 
 def build_encoder(key: str, cfg: EncoderConfig) -> ModalityEncoder:

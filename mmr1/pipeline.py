@@ -85,7 +85,8 @@ class Pipeline:
         unknown = sorted(set(inputs) - set(self.model.modalities))
         if unknown:
             raise TypeError(f"unknown input(s) {unknown}: this model takes {self.model.modalities}"
-                            + foreign_tokens_hint(self.model.config.backbone, self.model.modalities))
+                            + foreign_tokens_hint(self.model.config.backbone, self.model.modalities,
+                                                 self.model.config.token_source))
         per_item: list[dict[str, Any]] = [{} for _ in range(n)]
         for key, value in inputs.items():
             if value is None:

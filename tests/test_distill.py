@@ -4,6 +4,7 @@ student's parameters and checkpoints), and a teacher that cannot read the studen
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import lightning
@@ -184,7 +185,9 @@ def test_a_student_can_read_the_teachers_modality_tokens(tmp_path, capsys):
     # It records the teacher whose tokens it reads, so the engine can tell when it drafts for another target.
     assert exported.config.token_source == TokenSource(str(teacher_dir), teacher.modality_fingerprint())
     # On its own it takes no image: the refusal says why and how such a model runs.
-    with pytest.raises(TypeError, match=r"takes \[\] \(it has no encoders: .* reads another model's modality"):
+    with pytest.raises(TypeError, match=r"takes \[\] \(it has no encoders: .* reads another model's modality.*"
+                                        + re.escape(f"distilled from {teacher_dir}: Pipeline.from_pretrained("
+                                                    f"'{teacher_dir}', draft=")):
         Pipeline(exported, module.tokenizer)("what color is the square", image=np.zeros((8, 8, 3), np.uint8))
     # As the teacher's draft, through the Pipeline and `mmr1 ask --draft`: the answers are the teacher's own.
     images = [np.random.randint(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(3)]

@@ -165,6 +165,11 @@ def test_a_draft_that_read_another_targets_tokens_is_warned_about():
             for r in requests]
     assert [o.token_ids for o in outs] == refs
     eng.close()
+    alone = Engine(draft, config=EngineConfig(**SMALL))  # on its own it takes no image, and says what to run
+    with pytest.raises(TypeError, match=r"no encoders: .* distilled from runs/demo/export: "
+                                        r"Pipeline.from_pretrained\('runs/demo/export', draft="):
+        alone.add_request([1, 3, 4], image=raw_inputs(0)["image"])
+    alone.close()
 
 
 def test_draft_length_follows_acceptance_and_backs_off():

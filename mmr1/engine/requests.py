@@ -21,8 +21,9 @@ def checked_prompt_ids(engine: "Engine", prompt: str | Seq[int], params: Samplin
     modalities = engine.multimodal.modalities if engine.multimodal is not None else []
     unknown = sorted(set(inputs) - set(modalities))
     if unknown:
+        source = engine.multimodal.config.token_source if engine.multimodal is not None else None
         raise TypeError(f"Engine.add_request: unknown input(s) {unknown}; this model takes {modalities}"
-                        + foreign_tokens_hint(engine.backbone.cfg, modalities))
+                        + foreign_tokens_hint(engine.backbone.cfg, modalities, source))
     for modality, source in inputs.items():  # a missing file fails here, not later in an encoder worker
         if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
             raise InputError(f"{modality} file not found", source=str(source), item=input_item)
