@@ -84,8 +84,8 @@ class MMR1LightningModule(L.LightningModule):
         super().__init__()
         self.tokenizer = R1Tokenizer.from_file(tokenizer)
         encoders = dict(encoders or {})
-        reads_teacher_tokens = distill is not None and distill.modality_tokens == "teacher"
-        if reads_teacher_tokens:  # the prompts carry the teacher's modality markers
+        self.distill = distill
+        if self.reads_teacher_tokens:  # the prompts carry the teacher's modality markers
             self.tokenizer.add_modalities(check_student_reads_teacher_tokens(
                 distill, MultimodalConfig(backbone=backbone or R1Config(), encoders=encoders)))
         else:
@@ -123,7 +123,6 @@ class MMR1LightningModule(L.LightningModule):
         if distill is not None and self.parallel_config.tensor_parallel_size > 1:
             raise ValueError("model.distill: not supported with tensor parallel (parallel.tensor_parallel_size > 1): "
                              "the teacher's logits are whole, the student's are split over ranks")
-        self.distill = distill
         # The teacher is loaded when fitting starts (setup) and kept outside the module tree: never optimized,
         # moved by Lightning, or saved with the student.
         object.__setattr__(self, "_teacher", None)
