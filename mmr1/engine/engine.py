@@ -23,6 +23,7 @@ import torch
 from fusion.queues import ModalityQueues
 from mmr1.backbone import R1Model
 from mmr1.engine import admission, cores, cpu_linear, decode_attention, fronts
+from mmr1.engine.advance import advance, greedy_batch, sampled_tail
 from mmr1.engine.block_manager import BlockAllocator, blocks_for
 from mmr1.engine.config import EngineConfig, SamplingParams
 from mmr1.engine.encoding_cache import EncodingCache, files_key
@@ -35,9 +36,8 @@ from mmr1.engine.runner import forward_packed, forward_paged
 from mmr1.engine.scheduler import QueueFullError, ScheduledRow, Scheduler
 from mmr1.engine.sequence import RequestOutput, Sequence, Status, merge_samples
 from mmr1.engine.solo import SoloCache, compile_solo_step, compiled_feed_limit, solo_eligible, solo_forward
-from mmr1.engine.speculative import DraftModel, add_drafts, check_draft, check_token_source, verify
-from mmr1.engine.stopping import commit_token, end_ids
-from mmr1.engine.sampling import greedy_tokens, make_generator, plain_greedy, sample_row, token_logprobs
+from mmr1.engine.speculative import DraftModel, add_drafts, check_draft, check_token_source
+from mmr1.engine.sampling import make_generator
 
 __all__ = ["Engine", "QueueFullError"]
 
@@ -285,10 +285,10 @@ class Engine:
                 logits = forward_paged(self.backbone, self.pool, [self._feed(r) for r in group],
                                        [r.seq.num_cached for r in group], [r.seq.blocks for r in group],
                                        [r.seq.cross_kv for r in group])
-                per_row = [logits[i][r.num_new + len(r.drafts) - _sampled(r):r.num_new + len(r.drafts)]
+                per_row = [logits[i][r.num_new + len(r.drafts) - sampled_tail(r):r.num_new + len(r.drafts)]
                            for i, r in enumerate(group)]
-                for row, row_logits, token in zip(group, per_row, self._greedy_batch(group, per_row)):
-                    if self._advance(row, row_logits, greedy_token=token):
+                for row, row_logits, token in zip(group, per_row, greedy_batch(group, per_row)):
+                    if advance(self, row, row_logits, greedy_token=token):
                         touched.append(row.seq.id)
             self.stats["steps"] += 1
             return touched
@@ -307,24 +307,12 @@ class Engine:
         """Every row's tokens in one packed forward: the weights are read once per step, nothing is padded."""
         per_row = forward_packed(self.backbone, self.pool, [self._feed(r) for r in rows],
                                  [r.seq.num_cached for r in rows], [r.seq.blocks for r in rows],
-                                 [r.seq.cross_kv for r in rows], tails=[_sampled(r) for r in rows])
-        greedy = self._greedy_batch(rows, per_row)
+                                 [r.seq.cross_kv for r in rows], tails=[sampled_tail(r) for r in rows])
+        greedy = greedy_batch(rows, per_row)
         touched = [row.seq.id for row, logits, token in zip(rows, per_row, greedy)
-                   if self._advance(row, logits, greedy_token=token)]
+                   if advance(self, row, logits, greedy_token=token)]
         self.stats["steps"] += 1
         return touched
-
-    @staticmethod
-    def _greedy_batch(rows: list[ScheduledRow], per_row: list[torch.Tensor]) -> list[int | None]:
-        """The next token of every row that samples plain greedy this step, all in one argmax (None for the
-        others, which sample_row handles)."""
-        plain = [i for i, row in enumerate(rows) if row.completes and not row.drafts and not row.seq.finished
-                 and plain_greedy(row.seq.params, len(row.seq.output))]
-        tokens: list[int | None] = [None] * len(rows)
-        if len(plain) > 1:
-            for i, token in zip(plain, greedy_tokens(per_row[i][-1] for i in plain)):
-                tokens[i] = token
-        return tokens
 
     def _solo_step(self, row: ScheduledRow) -> list[int]:
         seq = row.seq
@@ -333,8 +321,9 @@ class Engine:
             self._flush_solo()
             solo = self._solo = SoloCache(seq.id, self.backbone, self.pool, seq.blocks, seq.num_cached)
         logits = solo_forward(self.backbone, solo, self._feed(row), seq.cross_kv, self._compiled_step,
-                              tail=_sampled(row), compiled_max_tokens=self._compiled_max_tokens if row.drafts else 1)
-        touched = [seq.id] if self._advance(row, logits, in_pool=False) else []
+                              tail=sampled_tail(row),
+                              compiled_max_tokens=self._compiled_max_tokens if row.drafts else 1)
+        touched = [seq.id] if advance(self, row, logits, in_pool=False) else []
         if seq.finished:
             self._solo = None
         else:
@@ -368,71 +357,6 @@ class Engine:
     def _feed(self, row: ScheduledRow) -> list[int]:
         seq = row.seq
         return seq.tokens[seq.num_cached:seq.num_cached + row.num_new] + row.drafts
-
-    def _record_prompt_logprobs(self, row: ScheduledRow, logits: torch.Tensor) -> None:
-        """Fed prompt token p predicts prompt token p + 1 (logits hold every fed token here, see _sampled);
-        each is recorded once, also when a preempted request's prompt is computed again."""
-        seq, top = row.seq, row.seq.params.prompt_logprobs
-        for i in range(row.num_new):
-            target = seq.num_cached + i + 1
-            if target < len(seq.prompt) and target == len(seq.prompt_logprobs):
-                seq.prompt_logprobs.append(token_logprobs(logits[i], seq.prompt[target], top))
-
-    def _advance(self, row: ScheduledRow, logits: torch.Tensor, in_pool: bool = True,
-                 greedy_token: int | None = None) -> bool:
-        """Book this step's forward for one row, given the logits of its last _sampled(row) fed tokens; when its
-        tokens are all in, sample / verify from the last 1 + len(drafts) of them. `in_pool`: the forward wrote its
-        K/V to the pool (not only to the batch-1 fast path's copy), so full blocks can be published for reuse.
-        `greedy_token`: this row's token when _greedy_batch already took it."""
-        seq = row.seq
-        if seq.finished:
-            return False
-        if seq.params.prompt_logprobs is not None:
-            self._record_prompt_logprobs(row, logits)
-        complete = row.completes
-        seq.num_cached += row.num_new
-        if not complete:
-            if in_pool:
-                self.scheduler.register_cached(seq, seq.num_cached)
-            return False  # a prompt chunk: nothing to sample yet
-        logits = logits[len(logits) - 1 - len(row.drafts):]  # (1 + len(drafts), V)
-        ends = end_ids(seq.params, self.eos_id)
-        if row.drafts:
-            context = seq.tokens
-            new, accepted = verify(logits, row.drafts, seq.params,
-                                   context, seq.generator, row.draft_probs, len(seq.prompt), ends)
-            self.stats["drafted"] += len(row.drafts)
-            if seq.draft_length is not None:
-                seq.draft_length.record(len(row.drafts), accepted)
-            seq.num_cached += accepted  # the accepted drafts' K/V are already in the cache
-            if self.draft is not None:
-                self.draft.rollback(seq, len(context) + min(accepted, len(row.drafts) - 1))
-        else:
-            new = [greedy_token if greedy_token is not None
-                   else sample_row(logits[0], seq.params, seq.tokens, seq.generator, len(seq.prompt), ends)]
-        used = len(new)
-        for j, token in enumerate(new):  # token j was chosen from logits[j]
-            before = len(seq.output)
-            done = commit_token(seq, token, ends, self.tokenizer)
-            if len(seq.output) > before:  # returned (a stop token is not, nor its logprobs)
-                self.stats["generated_tokens"] += 1
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append(token_logprobs(logits[j], token, seq.params.logprobs))
-            if done:
-                used = j + 1
-                break
-        if row.drafts:  # drafts verified after a token that ended the request were never used
-            self.stats["accepted"] += min(accepted, used)
-        # A stop token verified together with accepted drafts has K/V in the cache but is not one of seq's tokens:
-        # num_cached counts tokens of prompt + output only (Sequence), or publishing would hash tokens seq lacks.
-        seq.num_cached = min(seq.num_cached, len(seq.prompt) + len(seq.output))
-        if seq.finished:
-            self._retire(seq, in_pool)
-        else:
-            self.scheduler.trim(seq)
-            if in_pool:
-                self.scheduler.register_cached(seq, seq.num_cached)
-        return True
 
     def _retire(self, seq: Sequence, in_pool: bool) -> None:
         """Free a finished request's memory, first publishing its full blocks for later requests (a request the
@@ -477,11 +401,3 @@ class Engine:
         prefix cache spares recomputing the prompt and the beams' shared tokens; the inputs are encoded once."""
         return fronts.beam_search(self, prompt, beam_width, max_new_tokens, length_penalty, cross_states, **inputs)
 
-
-def _sampled(row: ScheduledRow) -> int:
-    """How many of a row's last fed tokens need logits: its last token and each draft once the row's tokens are
-    all in, none for a prompt chunk that doesn't finish the prompt -- or every fed token while a request that asks
-    for prompt_logprobs computes its prompt."""
-    if row.seq.params.prompt_logprobs is not None and row.seq.num_cached < len(row.seq.prompt):
-        return row.num_new + len(row.drafts)
-    return 1 + len(row.drafts) if row.completes else 0
