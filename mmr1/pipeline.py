@@ -43,12 +43,8 @@ class Pipeline:
         return cls(model, tokenizer, draft=draft_model, **kwargs)
 
     def close(self) -> None:
+        """Stop the engine's encoder workers now (a Pipeline dropped without it stops them when collected)."""
         self.engine.close()
-
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
 
     def __call__(self, question: str | Sequence[str], *, max_new_tokens: int = 16, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, sampling: SamplingParams | None = None,

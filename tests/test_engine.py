@@ -91,6 +91,40 @@ def test_image_audio_text_mix_equals_single_request_greedy(async_encoding):
     eng.close()
 
 
+def test_an_engine_dropped_without_close_stops_its_workers_and_frees_its_models():
+    """The encoder workers hold the models, not the engine (or Pipeline): dropping one that has served requests
+    stops its workers and its draft's, and the models can be freed; close() before that is fine too."""
+    import gc
+    import weakref
+    from mmr1.engine import SpeculativeConfig
+    from mmr1.pipeline import Pipeline
+
+    def serve_and_drop(make_front) -> None:
+        model, draft = multimodal_model(), multimodal_model()
+        models = [weakref.ref(model), weakref.ref(draft)]
+        front = make_front(model, draft)
+        engine = getattr(front, "engine", front)
+        workers = engine.queues._threads + engine.draft_queues._threads
+        assert len(workers) == 4 and all(t.is_alive() for t in workers)
+        engine.generate([{"prompt": [1, 3, 10, 4], **raw_inputs(0)}], SamplingParams(max_new_tokens=3))
+        del model, draft, front, engine
+        gc.collect()
+        for t in workers:
+            t.join(timeout=10)
+        assert not any(t.is_alive() for t in workers)
+        assert all(ref() is None for ref in models)
+
+    spec = EngineConfig(**SMALL, speculative=SpeculativeConfig("draft", 2))
+    serve_and_drop(lambda model, draft: Engine(model, config=spec, draft=draft))
+    serve_and_drop(lambda model, draft: Pipeline(model, None, engine_config=spec, draft=draft))
+
+    closed = Engine(multimodal_model(), config=EngineConfig(**SMALL))
+    workers = closed.queues._threads
+    closed.close()
+    closed.close()
+    assert not any(t.is_alive() for t in workers)
+
+
 def test_encoder_workers_share_the_cores_with_the_decoder(monkeypatch):
     """By default the decoder and each encoder worker (here image and audio) get an equal share of the cores; a
     2-core machine gives each worker one thread instead of PyTorch's default of every core."""
