@@ -11,10 +11,12 @@ checkpoint (`--ckpt_path last`) continues with exactly the batch the interrupted
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import lightning
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
 from data_pipelines.collate import MultimodalCollator
@@ -135,6 +137,10 @@ class MultimodalDataModule(lightning.LightningDataModule):
             raise ValueError(f"data.seed={self.seed} but the checkpoint was trained with data.seed={state['seed']}; "
                              "resuming would change the data order")
         self._resume = dict(state)
+        # Lightning warns that a mid-epoch resume is unreliable unless the loader itself has a state_dict; this
+        # DataModule restores the position through its sampler (exact: tests/test_resume.py), so here it is false.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
+                                category=PossibleUserWarning)
         # Strategies that restore after setup (FSDP) have built the train loader already (for the LR schedule's
         # step count): hand the position to its sampler, which reads it when the epoch's iteration starts.
         self._apply_resume()
