@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -34,7 +35,8 @@ _STOP = object()
 
 
 class ModalityQueues:
-    """One worker thread per modality. Use as a context manager or call `close()`."""
+    """One worker thread per modality. Use as a context manager or call `close()`; one dropped without either stops
+    its workers when it is garbage-collected."""
 
     def __init__(self, processors: Mapping[str, ModalityProcessor], encode: EncodeFn, *, max_batch: int = 16,
                  intra_op_threads: int | None = None):
@@ -48,11 +50,20 @@ class ModalityQueues:
         self.max_batch = max_batch
         self.intra_op_threads = intra_op_threads
         self._queues: dict[str, queue.Queue] = {m: queue.Queue() for m in self.processors}
-        self._threads = [threading.Thread(target=self._worker, args=(m,), daemon=True, name=f"mmr1-{m}-encoder")
+        # The threads get the queue, processor and encode function, not this object: a ModalityQueues dropped without
+        # close() is collected, and its finalizer stops them (an engine's workers end with the engine).
+        self._threads = [threading.Thread(target=_work, args=(self._queues[m], self.processors[m], encode, m,
+                                                               max_batch, intra_op_threads),
+                                          daemon=True, name=f"mmr1-{m}-encoder")
                          for m in self.processors]
-        self._closed = False
         for t in self._threads:
             t.start()
+        self._stop = weakref.finalize(self, _stop_workers, list(self._queues.values()), self._threads)
+        self._stop.atexit = False  # daemon threads: nothing to wait for at exit
+
+    @property
+    def _closed(self) -> bool:
+        return not self._stop.alive
 
     # ---- submission ---------------------------------------------------------------------------
     def submit(self, inputs: Mapping[str, Any], *, item: int | None = None) -> dict[str, Future]:
@@ -79,68 +90,73 @@ class ModalityQueues:
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures.values()))
         return dict(zip(futures.keys(), results))
 
-    # ---- worker ---------------------------------------------------------------------------------
-    def _drain(self, modality: str) -> list:
-        q = self._queues[modality]
-        first = q.get()
-        if first is _STOP:
-            return [_STOP]
-        batch = [first]
-        while len(batch) < self.max_batch:
-            try:
-                nxt = q.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is _STOP:
-                q.put(_STOP)  # finish this batch, stop on the next drain
-                break
-            batch.append(nxt)
-        return batch
-
-    def _worker(self, modality: str) -> None:
-        if self.intra_op_threads is not None:
-            torch.set_num_threads(self.intra_op_threads)
-        processor = self.processors[modality]
-        while True:
-            batch = self._drain(modality)
-            if batch[0] is _STOP:
-                return
-            ready = []
-            for source, item, fut in batch:
-                if not fut.set_running_or_notify_cancel():
-                    continue
-                try:
-                    ready.append((processor.preprocess(processor.load(source)), fut))
-                except InputError as err:
-                    fut.set_exception(err.located(item=item))
-                except Exception as err:  # a processor bug must not kill the worker
-                    fut.set_exception(err)
-            if ready:
-                self._encode_batch(modality, processor, ready)
-
-    def _encode_batch(self, modality: str, processor: ModalityProcessor, ready: list) -> None:
-        try:
-            collated = processor.collate([tensor for tensor, _ in ready])
-            with torch.inference_mode():
-                tokens, mask = self.encode(modality, collated["values"], collated.get("mask"))  # (N, T, D), (N, T)
-            for i, (_, fut) in enumerate(ready):
-                fut.set_result(EncodedInput(tokens[i], mask[i]))
-        except Exception as err:
-            for _, fut in ready:
-                if not fut.done():
-                    fut.set_exception(err)
-
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for q in self._queues.values():
-            q.put(_STOP)
-        for t in self._threads:
-            t.join(timeout=10)
+        """Stop the workers after the inputs already queued (also done when the object is garbage-collected)."""
+        self._stop()
 
     def __enter__(self) -> "ModalityQueues":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---- workers ------------------------------------------------------------------------------------------
+def _stop_workers(queues: list[queue.Queue], threads: list[threading.Thread]) -> None:
+    for q in queues:
+        q.put(_STOP)
+    for t in threads:
+        if t is not threading.current_thread():
+            t.join(timeout=10)
+
+
+def _drain(q: queue.Queue, max_batch: int) -> list:
+    first = q.get()
+    if first is _STOP:
+        return [_STOP]
+    batch = [first]
+    while len(batch) < max_batch:
+        try:
+            nxt = q.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is _STOP:
+            q.put(_STOP)  # finish this batch, stop on the next drain
+            break
+        batch.append(nxt)
+    return batch
+
+
+def _work(q: queue.Queue, processor: ModalityProcessor, encode: EncodeFn, modality: str, max_batch: int,
+          intra_op_threads: int | None) -> None:
+    if intra_op_threads is not None:
+        torch.set_num_threads(intra_op_threads)
+    while True:
+        batch = _drain(q, max_batch)
+        if batch[0] is _STOP:
+            return
+        ready = []
+        for source, item, fut in batch:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                ready.append((processor.preprocess(processor.load(source)), fut))
+            except InputError as err:
+                fut.set_exception(err.located(item=item))
+            except Exception as err:  # a processor bug must not kill the worker
+                fut.set_exception(err)
+        if ready:
+            _encode_batch(encode, modality, processor, ready)
+
+
+def _encode_batch(encode: EncodeFn, modality: str, processor: ModalityProcessor, ready: list) -> None:
+    try:
+        collated = processor.collate([tensor for tensor, _ in ready])
+        with torch.inference_mode():
+            tokens, mask = encode(modality, collated["values"], collated.get("mask"))  # (N, T, D), (N, T)
+        for i, (_, fut) in enumerate(ready):
+            fut.set_result(EncodedInput(tokens[i], mask[i]))
+    except Exception as err:
+        for _, fut in ready:
+            if not fut.done():
+                fut.set_exception(err)

@@ -129,3 +129,32 @@ def test_queue_workers_take_their_own_thread_count():
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="intra_op_threads=0"):
         ModalityQueues({"vec": VectorProcessor()}, encode, intra_op_threads=0)
+
+
+def test_queues_dropped_without_close_stop_their_workers():
+    """The workers hold the queue, processor and encode function, not the ModalityQueues: dropping it stops them
+    once collected (and frees what `encode` holds, e.g. a model); close() stops them at once, and twice is fine."""
+    import gc
+    import weakref
+
+    class Encoder:
+        def encode(self, modality, values, mask):
+            return values[..., None], mask
+
+    owner = Encoder()
+    owner_ref = weakref.ref(owner)
+    queues = ModalityQueues({"vec": VectorProcessor()}, owner.encode)
+    queues.gather(queues.submit({"vec": [1.0]}), timeout=10)
+    workers = list(queues._threads)
+    del queues, owner
+    gc.collect()
+    for t in workers:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in workers) and owner_ref() is None
+
+    queues = ModalityQueues({"vec": VectorProcessor()}, Encoder().encode)
+    queues.close()
+    queues.close()
+    assert not any(t.is_alive() for t in queues._threads)
+    with pytest.raises(RuntimeError, match="closed"):
+        queues.submit({"vec": [1.0]})

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import itertools
 import threading
-import weakref
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
@@ -41,12 +40,6 @@ from mmr1.engine.speculative import DraftModel, add_drafts, check_draft, check_t
 from mmr1.engine.sampling import make_generator
 
 __all__ = ["Engine", "QueueFullError"]
-
-
-def _close_queues(*queues: ModalityQueues | None) -> None:
-    for q in queues:
-        if q is not None:
-            q.close()
 
 
 def _parts(model: Any) -> tuple[R1Model, Any]:
@@ -95,10 +88,6 @@ class Engine:
             if drafts_own:
                 self.draft_queues = ModalityQueues(self.draft_multimodal.processors(),
                                                    self.draft_multimodal.encode_modality, **queue_args)
-        # The workers hold the model, not the engine: an engine dropped without close() still stops them (and lets
-        # the model go) once it is collected.
-        self._close_workers = weakref.finalize(self, _close_queues, self.queues, self.draft_queues)
-        self._close_workers.atexit = False  # daemon threads: nothing to wait for at exit
         # A file sent again (or by several requests at once) is encoded once (mmr1/engine/encoding_cache.py).
         self.encodings = EncodingCache(self.queues) if self.queues is not None else None
         self.draft_encodings = EncodingCache(self.draft_queues) if self.draft_queues is not None else None
@@ -262,8 +251,10 @@ class Engine:
             self.draft.allocator.check_no_leaks(live)
 
     def close(self) -> None:
-        """Stop the encoder workers (also done when the engine is garbage-collected)."""
-        self._close_workers()
+        """Stop the encoder workers now (an engine dropped without it stops them when it is collected)."""
+        for q in (self.queues, self.draft_queues):
+            if q is not None:
+                q.close()
 
     # ---- the step ----------------------------------------------------------------------------------------
     def step(self) -> list[int]:
