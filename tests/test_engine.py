@@ -169,6 +169,53 @@ def test_a_step_leaves_busy_encoder_workers_their_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_steps_run_on_the_engines_threads_from_any_thread(monkeypatch):
+    """PyTorch starts a new thread on the thread count last set in any thread (the encoder workers set theirs): a
+    step run from a fresh thread still takes the engine's decoder threads (the builder's count, or
+    EngineConfig.decoder_threads) and the thread gets its own count back; the asyncio fronts' step thread takes one
+    fewer by default (the event loop runs beside it)."""
+    import threading
+
+    import mmr1.engine.engine as engine_module
+    seen, collect = [], engine_module.admission.collect_encoded
+    monkeypatch.setattr(engine_module.admission, "collect_encoded",
+                        lambda *a: seen.append(torch.get_num_threads()) or collect(*a))
+    text = {"prompt": [5, 6, 4], "sampling": SamplingParams(max_new_tokens=3)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for configured, expected, on_the_async_step_thread in ((None, 3, 2), (2, 2, 2)):
+            eng = Engine(multimodal_model(), config=EngineConfig(**SMALL, encoder_threads=1,
+                                                                 decoder_threads=configured))
+            eng.queues.gather(eng.queues.submit({"image": raw_inputs(0)["image"]}), timeout=10)  # workers set 1
+            seen.clear()
+            own = {}
+
+            def fresh_thread():
+                own["before"] = torch.get_num_threads()
+                eng.generate([text])
+                own["after"] = torch.get_num_threads()
+
+            worker = threading.Thread(target=fresh_thread)
+            worker.start()
+            worker.join()
+
+            async def stream():
+                return [t async for t in eng.stream(text["prompt"], sampling=text["sampling"])]
+
+            assert seen and set(seen) == {expected}
+            assert own["after"] == own["before"] and torch.get_num_threads() == 3
+            seen.clear()
+            assert len(asyncio.run(stream())) == 3
+            eng.close()
+            assert len(asyncio.run(stream())) == 3  # closed: text requests still stream, on a new step thread
+            assert seen and set(seen) == {on_the_async_step_thread}  # one core left to the event loop by default
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="decoder_threads=0"):
+        EngineConfig(decoder_threads=0)
+
+
 def test_missing_file_is_refused_at_add_request(tmp_path):
     """A path that isn't a file fails in add_request, naming modality and file, before any worker sees it."""
     eng = Engine(multimodal_model(), config=EngineConfig(**SMALL))

@@ -104,6 +104,12 @@ class EngineConfig:
     # thread count minus theirs, at least 1), then on all again (mmr1/engine/cores.py, encoder_threads.md). An engine
     # shares the cores as if it were alone in its process.
     share_cores_with_encoders: bool = True
+    # PyTorch threads of the decoder's steps. None: the count of the thread that builds the engine (PyTorch's default
+    # unless torch.set_num_threads changed it before), and one fewer (at least 1) on the asyncio fronts' step thread,
+    # beside which the event loop runs. Steps take it whichever thread runs them (a web framework's worker thread,
+    # say) and restore that thread's own count after: PyTorch starts a new thread on the count last set in any thread
+    # (an encoder worker's, 1 of 2 cores here).
+    decoder_threads: Optional[int] = None
     speculative: Optional[SpeculativeConfig] = None
     # torch.compile the batch-1 decode step (gpt-fast style; full-attention models in model-dtype KV). The first
     # decode step compiles (seconds to tens of seconds on CPU); later ones run the fused graph. With `speculative`,
@@ -136,8 +142,9 @@ class EngineConfig:
                      "encoder_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig: {name}={getattr(self, name)} must be >= 1")
-        if self.encoder_threads is not None and self.encoder_threads < 1:
-            raise ValueError(f"EngineConfig: encoder_threads={self.encoder_threads} must be >= 1 (or None)")
+        for name in ("encoder_threads", "decoder_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig: {name}={getattr(self, name)} must be >= 1 (or None)")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"EngineConfig: num_blocks={self.num_blocks} must be >= 1 (or None)")
         if self.cpu_prepacked_weights and self.compile_decode:

@@ -4,7 +4,9 @@ Each encoder worker (fusion.queues.ModalityQueues, one thread per modality) runs
 thread count, and while the workers have inputs to encode, a decoder step runs on the threads they leave. With
 PyTorch's default (every core for every thread that calls into it) a 2-core machine ran six busy threads during
 encoding, and async encoding was slower than encoding inline (benchmarks/results/encoder_threads.md). Thread counts
-are per calling thread (OpenMP), so neither setting touches the other threads.
+are per calling thread (OpenMP), so neither setting touches the other threads -- except a thread's first one: PyTorch
+starts a new thread on the count last set in any thread, so each step sets the engine's own count
+(EngineConfig.decoder_threads) whichever thread runs it.
 """
 from __future__ import annotations
 
@@ -22,14 +24,15 @@ def encoder_threads(num_workers: int) -> int:
 
 
 @contextlib.contextmanager
-def threads_beside_encoders(encoder_cores: int) -> Iterator[None]:
-    """Run the block on the calling thread's PyTorch threads minus `encoder_cores` (at least one), then restore
-    them; encoder_cores 0 (no worker busy) leaves them as they are."""
+def step_threads(decoder_threads: int, encoder_cores: int = 0) -> Iterator[None]:
+    """Run the block on `decoder_threads` PyTorch threads minus `encoder_cores` (the busy encoder workers' share; at
+    least one), then restore the calling thread's own count."""
+    target = max(1, decoder_threads - max(0, encoder_cores))
     threads = torch.get_num_threads()
-    if encoder_cores <= 0 or threads <= 1:
+    if target == threads:
         yield
         return
-    torch.set_num_threads(max(1, threads - encoder_cores))
+    torch.set_num_threads(target)
     try:
         yield
     finally:

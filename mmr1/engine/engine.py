@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
@@ -55,6 +56,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any = None, config: EngineConfig | None = None, *,
                  draft: Any = None, eos_id: int | None = None):
         self.cfg = config or EngineConfig()
+        self.decoder_threads = self.cfg.decoder_threads or torch.get_num_threads()  # read before workers start
         self.backbone, self.multimodal = _parts(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -119,6 +121,8 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._async_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None  # fronts.step_lock
+        self._step_thread: ThreadPoolExecutor | None = None  # fronts.step_thread
+        self._front_threads = threading.local()  # the step thread's own decoder threads (fronts.step_thread)
         self.stats = {"steps": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -251,16 +255,20 @@ class Engine:
             self.draft.allocator.check_no_leaks(live)
 
     def close(self) -> None:
-        """Stop the encoder workers now (an engine dropped without it stops them when it is collected)."""
+        """Stop the encoder workers and the asyncio fronts' step thread now (an engine dropped without it stops them
+        when it is collected)."""
         for q in (self.queues, self.draft_queues):
             if q is not None:
                 q.close()
+        if self._step_thread is not None:
+            self._step_thread.shutdown(wait=False)
+            self._step_thread = None  # text requests may still be served: a later stream starts a new one
 
     # ---- the step ----------------------------------------------------------------------------------------
     def step(self) -> list[int]:
         """One iteration: admit, run decode + prefill chunks in one forward, sample, retire. Returns the ids of
         requests that produced tokens or finished."""
-        with self._lock, self._weights, self._threads_beside_encoders():
+        with self._lock, self._weights, self._step_threads():
             admission.collect_encoded(self.scheduler, self.multimodal, self.draft_multimodal)
             for seq in self.scheduler.admit():
                 admission.prepare_admitted(seq, self.scheduler, self.backbone, self.multimodal,
@@ -294,15 +302,15 @@ class Engine:
             self.stats["steps"] += 1
             return touched
 
-    def _threads_beside_encoders(self) -> contextlib.AbstractContextManager:
-        """On the CPU, while encoder workers have inputs to encode, the step runs on the cores they leave
-        (EngineConfig.share_cores_with_encoders, mmr1/engine/cores.py)."""
+    def _step_threads(self) -> contextlib.AbstractContextManager:
+        """The step runs on the engine's decoder threads (EngineConfig.decoder_threads), from any thread; on the CPU,
+        while encoder workers have inputs to encode, on those the workers leave (EngineConfig.share_cores_with_encoders,
+        mmr1/engine/cores.py)."""
         busy = (self.cfg.share_cores_with_encoders and self.queues is not None and bool(self.scheduler.encoding)
                 and self.device.type == "cpu")
-        if not busy:
-            return cores.threads_beside_encoders(0)
-        workers = [q for q in (self.queues, self.draft_queues) if q is not None]
-        return cores.threads_beside_encoders(sum(q.intra_op_threads * len(q.processors) for q in workers))
+        workers = [q for q in (self.queues, self.draft_queues) if q is not None] if busy else []
+        threads = getattr(self._front_threads, "decoder_threads", self.decoder_threads)
+        return cores.step_threads(threads, sum(q.intra_op_threads * len(q.processors) for q in workers))
 
     def _packed_step(self, rows: list[ScheduledRow]) -> list[int]:
         """Every row's tokens in one packed forward: the weights are read once per step, nothing is padded."""

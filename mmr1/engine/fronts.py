@@ -3,9 +3,13 @@ steps the whole engine as needed, so every request in it advances, not only the 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence as Seq
+
+import torch
 
 from mmr1.engine.config import SamplingParams
 from mmr1.engine.requests import checked_prompt_ids
@@ -75,7 +79,7 @@ async def follow(engine: "Engine", request_id: int) -> AsyncIterator[RequestOutp
         while True:
             async with step_lock(engine):
                 if all(s.read == len(s.output) for s in seqs) and not all(s.finished for s in seqs):
-                    await asyncio.to_thread(engine.step)
+                    await asyncio.get_running_loop().run_in_executor(step_thread(engine), engine.step)
                 with engine._lock:  # a step whose stream was cancelled may still be running in its thread
                     advanced = any(s.read < len(s.output) for s in seqs) or all(s.finished for s in seqs)
                     for s in seqs:
@@ -91,6 +95,25 @@ async def follow(engine: "Engine", request_id: int) -> AsyncIterator[RequestOutp
     finally:
         engine.abort(request_id)  # a no-op once finished
         engine._forget(request_id)
+
+
+def step_thread(engine: "Engine") -> ThreadPoolExecutor:
+    """The one thread the asyncio fronts step the engine on. asyncio.to_thread hopped between the loop's executor
+    threads (serve's add_request calls run there too), and each thread that runs PyTorch ops keeps its own OpenMP
+    team: idle teams spin beside the working one. Unless EngineConfig.decoder_threads says otherwise it runs on one
+    thread fewer than the engine's (at least 1): the event loop that reads each step's outputs runs beside it. It
+    ends with the engine (close(), or when collected)."""
+    if engine._step_thread is None:
+        threads = engine.cfg.decoder_threads or max(1, engine.decoder_threads - 1)
+        engine._step_thread = ThreadPoolExecutor(1, thread_name_prefix="mmr1-engine-step",
+                                                 initializer=_step_thread_init,
+                                                 initargs=(engine._front_threads, threads))
+    return engine._step_thread
+
+
+def _step_thread_init(front_threads: threading.local, threads: int) -> None:
+    front_threads.decoder_threads = threads  # what Engine.step takes on this thread
+    torch.set_num_threads(threads)
 
 
 def step_lock(engine: "Engine") -> asyncio.Lock:
