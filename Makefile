@@ -59,6 +59,7 @@ bench: $(STAMP) bench-long $(DEMO_DATA)/train.jsonl
 	$(PY) -m benchmarks.cpu_linear --out benchmarks/results/cpu_linear
 	$(PY) -m benchmarks.moe_few_tokens --out benchmarks/results/moe_few_tokens
 	$(PY) -m benchmarks.prefix_cache --out benchmarks/results/prefix_cache
+	$(PY) -m benchmarks.async_fronts --out benchmarks/results/async_fronts
 
 # full vs sliding vs hybrid attention at 1K-64K tokens, KV cache and decode at 16K (~13 min on 2 shared cores)
 bench-long: $(STAMP)

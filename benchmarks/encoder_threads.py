@@ -16,16 +16,13 @@ get) and at 1 thread (the engine benchmark's setting). Settings alternate within
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
 from benchmarks.engine_cases import async_vs_inline
-from benchmarks.report import machine_info, publish
+from benchmarks.report import machine_info, publish, round_args
 
 SETTINGS = {"every_core": {"encoder_threads": os.cpu_count() or 1, "share_cores_with_encoders": False},
             "workers_share": {"encoder_threads": None, "share_cores_with_encoders": False},
@@ -61,20 +58,14 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="8 requests, 1 round: a smoke run")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
-    args = parser.parse_args(argv)
+    args, argv = round_args(__doc__, argv, rounds=3, quick="8 requests, 1 round: a smoke run")
     rounds, n_requests = (1, 8) if args.quick else (args.rounds, 48)
     default_threads = torch.get_num_threads()
-    argv = sys.argv[1:] if argv is None else argv
     result = {"command": "python -m benchmarks.encoder_threads " + " ".join(argv),
               "machine": machine_info(), "requests": n_requests, "rounds": rounds,
               "by_threads": {t: run(t, rounds, n_requests) for t in dict.fromkeys((default_threads, 1))}}
     publish(result, markdown(result), args.out)
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -120,3 +120,15 @@ def test_speculative_compiled_benchmark_quick_run(tmp_path):
     assert all(r["identical"] and r["eager_tok_s"] > 0 and r["compiled_tok_s"] > 0 for r in rows)
     assert rows[0]["eager_vs_plain"] == rows[0]["compiled_vs_plain"] == 1.0
     assert "| engine.md item 3, looping | prompt_lookup |" in (tmp_path / "spec.md").read_text()
+
+
+def test_async_fronts_benchmark_quick_run(tmp_path):
+    """Streams and the synchronous generate give the same greedy tokens (the benchmark asserts it) and every
+    setting is reported against the default step thread."""
+    from benchmarks.async_fronts import main
+
+    result = quick_run(main, tmp_path / "async_fronts")
+    rows = result["settings"]
+    assert "sync generate" in rows and sum(name.endswith("(default)") for name in rows) == 1
+    assert [r["vs_default"] for name, r in rows.items() if name.endswith("(default)")] == [1.0]
+    assert json.loads((tmp_path / "async_fronts.json").read_text())["settings"].keys() == rows.keys()
