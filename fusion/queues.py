@@ -46,9 +46,7 @@ class ModalityQueues:
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ValueError(f"ModalityQueues: intra_op_threads={intra_op_threads} must be >= 1 (or None)")
         self.processors = dict(processors)
-        self.encode = encode
-        self.max_batch = max_batch
-        self.intra_op_threads = intra_op_threads
+        self.intra_op_threads = intra_op_threads  # the engine counts the cores its busy workers hold
         self._queues: dict[str, queue.Queue] = {m: queue.Queue() for m in self.processors}
         # The threads get the queue, processor and encode function, not this object: a ModalityQueues dropped without
         # close() is collected, and its finalizer stops them (an engine's workers end with the engine).
