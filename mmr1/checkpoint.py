@@ -7,6 +7,7 @@ states). Both export the same way: `mmr1 export --checkpoint last.ckpt --output 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -117,7 +118,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO.save_checkpoint got storage_options={storage_options!r}; it has none")
-        if not _is_local(path):  # remote filesystems: no rename-over; fall back to Lightning's writer
+        if not is_local(path):  # remote filesystems: no rename-over; fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,15 +132,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
 
 
-def _is_local(path: str | Path) -> bool:
+def replace_with_staged(staged: Path, path: Path) -> None:
+    """Make the complete checkpoint directory `staged` (same parent) the checkpoint at `path`, whatever `path`
+    holds now (a sharded directory, a file, nothing), and delete what it held.
+
+    A rename cannot replace a non-empty directory, so the old checkpoint first moves aside to `.<name>.replaced`:
+    only a crash between the two renames leaves no `path`, with the old checkpoint complete beside it. Everything
+    is fsync'ed before the renames, and the directory after them."""
+    for file in staged.iterdir():
+        _fsync(file)
+    _fsync(staged)
+    aside = path.with_name(f".{path.name}.replaced")
+    remove_path(aside)
+    if path.exists() or path.is_symlink():
+        os.replace(path, aside)
+    os.replace(staged, path)
+    _fsync(path.parent)
+    remove_path(aside)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or directory tree if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def is_local(path: str | Path) -> bool:
     return type(get_filesystem(str(path))).__name__ == "LocalFileSystem"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

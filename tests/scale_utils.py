@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,13 +68,19 @@ def deep_update(target: dict, updates: dict) -> dict:
 
 def run_fit(config: Path, *extra: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m mmr1.cli fit --config config ...` in a subprocess (Lightning launches the other ranks)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "mmr1.cli", "fit", "--config", str(config), *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_python(None, "-m", "mmr1.cli", "fit", "--config", config, *extra, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"mmr1 fit failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_python(code: str | None, *args, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -c code args...` (or `python args...` when code is None) in a subprocess, offline, one thread per
+    process, with the repository and tests/ importable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, *(["-c", code] if code is not None else []), *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def train_losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
@@ -97,3 +104,26 @@ class KillAtStep(lightning.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillInShardedSave(lightning.Callback):
+    """SIGKILL every rank (rank 0 is Lightning's launcher: it kills the ranks it started, then itself) while rank
+    0 writes `meta.pt` of the sharded `last.ckpt` at optimizer step `step`: after every rank has written its
+    shards of that step, before the save is complete. A crash in the middle of overwriting a checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if trainer.global_rank != 0:
+            return
+        save = torch.save
+
+        def save_or_die(obj, f, *args, **kwargs):
+            if str(f).endswith("meta.pt") and "last.ckpt" in str(f) and trainer.global_step == self.step:
+                for proc in trainer.strategy.launcher.procs:
+                    proc.kill()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = save_or_die  # ModelParallelStrategy looks torch.save up when it saves

@@ -14,7 +14,7 @@ import yaml
 
 from data_pipelines.synth import synthesize
 from e2e_utils import tiny_demo_config
-from mmr1.checkpoint import AtomicCheckpointIO, read_checkpoint
+from mmr1.checkpoint import AtomicCheckpointIO, read_checkpoint, remove_path, replace_with_staged
 from scale_utils import ROOT, run_fit, scale_config, train_losses
 
 STEPS, KILL_AT = 7, 5  # 3 batches of 8 per epoch (24 records): the kill lands in the middle of epoch 1
@@ -83,3 +83,27 @@ def test_atomic_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -9
     assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_replace_with_staged_swaps_in_a_directory_over_whatever_was_there(tmp_path):
+    """The last step of a sharded save: the staged directory becomes the checkpoint whether the target is an
+    older sharded directory, a single-file checkpoint or absent; nothing but the new checkpoint is left, and a
+    `.replaced` left by a crash between the two renames is cleared by the next swap."""
+    def staged(step: int):
+        directory = tmp_path / ".last.ckpt.partial"
+        directory.mkdir()
+        (directory / "meta.pt").write_text(str(step))
+        return directory
+
+    path = tmp_path / "last.ckpt"
+    replace_with_staged(staged(1), path)  # nothing there yet
+    assert (path / "meta.pt").read_text() == "1"
+    (tmp_path / ".last.ckpt.replaced").mkdir()  # a crash between the renames of an earlier swap
+    replace_with_staged(staged(2), path)  # over a directory
+    assert (path / "meta.pt").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    remove_path(path)
+    path.write_text("single-file checkpoint")
+    replace_with_staged(staged(3), path)  # over a file
+    assert (path / "meta.pt").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -1,6 +1,7 @@
 """Data parallelism through `mmr1 fit` on 2 CPU processes (gloo), with batches whose modality sets differ across
 ranks (image-only, audio-only, text-only, both): DDP equals one process with the doubled batch, FSDP2 equals
-DDP, and a sharded FSDP checkpoint resumes exactly (after a SIGKILL mid-epoch) and exports to one directory."""
+DDP, and a sharded FSDP checkpoint survives a SIGKILL in the middle of overwriting it, resumes exactly and exports
+to one directory."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +9,10 @@ import torch
 
 from data_pipelines.synth import synthesize
 from e2e_utils import tiny_demo_config
-from mmr1.checkpoint import is_sharded, model_from_checkpoint
+from mmr1.checkpoint import is_sharded, model_from_checkpoint, read_checkpoint
 from mmr1.cli import main
 from mmr1.model import MultimodalR1
-from scale_utils import mixed_manifest, run_fit, scale_config, train_losses
+from scale_utils import mixed_manifest, run_fit, run_python, scale_config, train_losses
 
 STEPS = 5
 # 4-record blocks: global batch i = blocks 2i (rank 0) and 2i + 1 (rank 1) when each rank takes 4.
@@ -64,18 +65,25 @@ def test_fsdp_equals_ddp_resumes_sharded_after_sigkill_and_exports(setup, ddp, t
     model = {**MODEL, "parallel": {"data_parallel": "fsdp"}}
     killed = scale_config(base, tmp / "fsdp", batch_size=4, devices=2, strategy=FSDP, model=model,
                           data={"shuffle": False},
-                          trainer={"callbacks": [*_callbacks(base), {"class_path": "scale_utils.KillAtStep",
-                                                                     "init_args": {"step": 3}}]})
+                          trainer={"callbacks": [*_callbacks(base), {"class_path": "scale_utils.KillInShardedSave",
+                                                                     "init_args": {"step": 4}}]})
     proc = run_fit(killed, check=False)
-    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL after step 3; last checkpoint: step 2
-    last = tmp / "fsdp" / "checkpoints" / "last.ckpt"
+    # SIGKILL in the middle of overwriting last.ckpt (step 2's) with step 4's: both ranks' new shards are written,
+    # its meta.pt is not. last.ckpt is still step 2's, whole: written in place, it would have mixed the two steps.
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    checkpoints = tmp / "fsdp" / "checkpoints"
+    last = checkpoints / "last.ckpt"
     assert is_sharded(last) and len(list(last.glob("*.distcp"))) == 2  # one shard file per rank
+    assert read_checkpoint(last)["global_step"] == 2
+    assert (checkpoints / ".last.ckpt.partial").is_dir()  # the interrupted save
     resumed = scale_config(base, tmp / "fsdp", batch_size=4, devices=2, strategy=FSDP, model=model,
                            data={"shuffle": False})
     run_fit(resumed, "--ckpt_path", "last")
     versions = sorted((tmp / "fsdp" / "logs").iterdir())
     assert sorted(train_losses(versions[-1])) == list(range(2, STEPS))  # the resumed run redid steps 2..4
     assert_losses_close(train_losses(tmp / "fsdp"), ddp_losses, range(STEPS), tol=1e-5)
+    assert read_checkpoint(last)["global_step"] == 4  # the resumed run saved step 4 over it
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]  # no staged or replaced left
 
     out = tmp_path / "export"
     assert main(["export", "--checkpoint", str(last), "--output", str(out)]) == 0
@@ -148,3 +156,20 @@ def test_tensor_parallel_from_yaml_equals_one_process(setup):
                       data={"shuffle": False})
     run_fit(tp)
     assert_losses_close(train_losses(tmp / "tp"), train_losses(tmp / "tp_one"), range(STEPS), tol=1e-5)
+
+
+@pytest.mark.slow
+def test_fit_destroys_its_process_group_before_the_interpreter_exits(setup):
+    """`mmr1 fit` under a distributed strategy ends with no process group and no gloo worker thread left: a worker
+    still releasing the last collective's work during interpreter finalization aborts the process after a
+    successful run (see `mmr1.cli.close_process_group`). One DDP rank in a subprocess, so the threads can be read
+    after `main` returns."""
+    tmp, base, _ = setup
+    config = scale_config(base, tmp / "ddp_one", batch_size=4, strategy="ddp", trainer={"max_steps": 2})
+    script = ("import os, sys; import torch.distributed as dist; from mmr1.cli import main\n"
+              "rc = main(['fit', '--config', sys.argv[1]])\n"
+              "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+              "print('RESULT', rc, dist.is_initialized(), sorted(n for n in names if 'gloo' in n or 'tcpstore' in n))")
+    proc = run_python(script, config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT 0 False []" in proc.stdout, proc.stdout[-2000:]

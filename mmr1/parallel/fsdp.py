@@ -9,12 +9,14 @@ and cross-attention layers when ranks' batches carry different modalities.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from mmr1.checkpoint import is_local, remove_path, replace_with_staged
 from mmr1.model import MultimodalR1
 from mmr1.parallel.config import ParallelConfig
 
@@ -77,3 +79,23 @@ class FSDPStrategy(ModelParallelStrategy):
         self._tensor_parallel_size, self._data_parallel_size = tp, world // tp
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        """Sharded saves are all-or-nothing, like `AtomicCheckpointIO`'s files.
+
+        Lightning writes the shards and `meta.pt` into the target directory in place, so a crash in the middle of
+        overwriting `last.ckpt` left some ranks' new shards beside old ones and an old `meta.pt`: a resume that
+        silently mixed two steps. Every rank writes into `.<name>.partial` beside the target instead; once all have
+        written, rank 0 swaps it in (`mmr1.checkpoint.replace_with_staged`). The names do not match Lightning's
+        `last*.ckpt`, so `--ckpt_path last` never picks up a leftover."""
+        if not self._save_distributed_checkpoint or not is_local(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        staged = path.with_name(f".{path.name}.partial")
+        if self.global_rank == 0:
+            remove_path(staged)  # what a crashed save left
+        self.barrier("sharded_save_start")
+        super().save_checkpoint(checkpoint, staged, storage_options)
+        self.barrier("sharded_save_written")
+        if self.global_rank == 0:
+            replace_with_staged(staged, path)
+        self.barrier("sharded_save_done")
