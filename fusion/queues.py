@@ -9,6 +9,7 @@ runs beside the decoder. A bad input fails only its own future, with an error na
 from __future__ import annotations
 
 import asyncio
+import atexit
 import queue
 import threading
 import weakref
@@ -32,11 +33,13 @@ class EncodedInput:
 
 
 _STOP = object()
+_OPEN: "weakref.WeakSet[ModalityQueues]" = weakref.WeakSet()  # stopped at interpreter exit
+EXIT_JOIN_TIMEOUT_S = 60.0  # how long interpreter exit waits for a batch being encoded
 
 
 class ModalityQueues:
     """One worker thread per modality. Use as a context manager or call `close()`; one dropped without either stops
-    its workers when it is garbage-collected."""
+    its workers when it is garbage-collected, and interpreter exit stops those still open."""
 
     def __init__(self, processors: Mapping[str, ModalityProcessor], encode: EncodeFn, *, max_batch: int = 16,
                  intra_op_threads: int | None = None):
@@ -57,7 +60,8 @@ class ModalityQueues:
         for t in self._threads:
             t.start()
         self._stop = weakref.finalize(self, _stop_workers, list(self._queues.values()), self._threads)
-        self._stop.atexit = False  # daemon threads: nothing to wait for at exit
+        self._stop.atexit = False  # _stop_open_queues_at_exit does it, dropping what is still queued
+        _OPEN.add(self)
 
     @property
     def _closed(self) -> bool:
@@ -100,12 +104,40 @@ class ModalityQueues:
 
 
 # ---- workers ------------------------------------------------------------------------------------------
-def _stop_workers(queues: list[queue.Queue], threads: list[threading.Thread]) -> None:
+def _stop_workers(queues: list[queue.Queue], threads: list[threading.Thread], timeout: float = 10.0) -> None:
     for q in queues:
         q.put(_STOP)
     for t in threads:
         if t is not threading.current_thread():
-            t.join(timeout=10)
+            t.join(timeout=timeout)
+
+
+@atexit.register
+def _stop_open_queues_at_exit() -> None:
+    """Stop every open ModalityQueues' workers before the interpreter finalizes, dropping inputs still queued.
+
+    The workers are daemon threads, and one still inside an encoder's PyTorch kernels when the interpreter
+    finalizes dies taking the GIL back, in a C++ destructor: the process aborts ("terminate called without an
+    active exception", exit 134) after the script itself finished, e.g. a Ctrl-C or an error while a request
+    was encoding. So exit cancels what no worker has started and waits for the batch being encoded."""
+    for open_queues in list(_OPEN):
+        stop = open_queues._stop.detach()  # None: already closed
+        if stop is None:
+            continue
+        _, _, (queues, threads), _ = stop
+        for q in queues:
+            _cancel_queued(q)
+        _stop_workers(queues, threads, timeout=EXIT_JOIN_TIMEOUT_S)
+
+
+def _cancel_queued(q: queue.Queue) -> None:
+    while True:
+        try:
+            entry = q.get_nowait()
+        except queue.Empty:
+            return
+        if entry is not _STOP:
+            entry[2].cancel()  # (source, item, future)
 
 
 def _drain(q: queue.Queue, max_batch: int) -> list:

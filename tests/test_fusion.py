@@ -1,4 +1,9 @@
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,8 @@ from encoders.base import ModalityProcessor
 from fusion.cross_attention import GatedCrossAttention
 from fusion.projector import MLPProjector, PerceiverResampler, ProjectorConfig, build_projector
 from fusion.queues import ModalityQueues
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gate_starts_closed_and_opens():
@@ -158,3 +165,30 @@ def test_queues_dropped_without_close_stop_their_workers():
     assert not any(t.is_alive() for t in queues._threads)
     with pytest.raises(RuntimeError, match="closed"):
         queues.submit({"vec": [1.0]})
+
+
+def test_exit_while_a_worker_encodes_waits_for_that_batch_and_drops_the_queued_ones():
+    """A script ending while a worker is inside PyTorch's kernels exits with status 0, not an abort (134) as the
+    daemon worker takes the GIL back in a finalizing interpreter; the inputs still queued are not encoded."""
+    script = textwrap.dedent("""
+        import threading, torch
+        from fusion.queues import ModalityQueues
+        from test_fusion import VectorProcessor
+        started = threading.Event()
+        def encode(modality, values, mask):
+            print("encode", flush=True)
+            started.set()
+            a = torch.randn(800, 800)
+            for _ in range(40):
+                a @ a  # about a second with the GIL released
+            return values[:, :, None], mask
+        queues = ModalityQueues({"vec": VectorProcessor()}, encode, max_batch=1)
+        futures = [queues.submit({"vec": [float(i)]})["vec"] for i in range(3)]
+        started.wait()
+        print("exit", flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["encode", "exit"]  # one batch encoded; the two queued inputs were dropped
