@@ -86,7 +86,8 @@ class FSDPStrategy(ModelParallelStrategy):
         overwriting `last.ckpt` left some ranks' new shards beside old ones and an old `meta.pt`: a resume that
         silently mixed two steps. Every rank writes into `.<name>.partial` beside the target instead; once all have
         written, rank 0 swaps it in (`mmr1.checkpoint.replace_with_staged`). The names do not match Lightning's
-        `last*.ckpt`, so `--ckpt_path last` never picks up a leftover."""
+        `last*.ckpt`, so `--ckpt_path last` never picks up a leftover. Like the checkpoint's `.metadata`, which only
+        rank 0 writes, this assumes every rank sees the same filesystem."""
         if not self._save_distributed_checkpoint or not is_local(filepath):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(filepath))
