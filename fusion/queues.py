@@ -33,7 +33,7 @@ class EncodedInput:
 
 
 _STOP = object()
-_OPEN: "weakref.WeakSet[ModalityQueues]" = weakref.WeakSet()  # stopped at interpreter exit
+_ALIVE: "weakref.WeakSet[ModalityQueues]" = weakref.WeakSet()  # their workers are stopped at interpreter exit
 EXIT_JOIN_TIMEOUT_S = 60.0  # how long interpreter exit waits for a batch being encoded
 
 
@@ -60,8 +60,8 @@ class ModalityQueues:
         for t in self._threads:
             t.start()
         self._stop = weakref.finalize(self, _stop_workers, list(self._queues.values()), self._threads)
-        self._stop.atexit = False  # _stop_open_queues_at_exit does it, dropping what is still queued
-        _OPEN.add(self)
+        self._stop.atexit = False  # _stop_workers_at_exit does it, dropping what is still queued
+        _ALIVE.add(self)
 
     @property
     def _closed(self) -> bool:
@@ -113,21 +113,20 @@ def _stop_workers(queues: list[queue.Queue], threads: list[threading.Thread], ti
 
 
 @atexit.register
-def _stop_open_queues_at_exit() -> None:
-    """Stop every open ModalityQueues' workers before the interpreter finalizes, dropping inputs still queued.
+def _stop_workers_at_exit() -> None:
+    """Before the interpreter finalizes, stop the workers of every ModalityQueues still alive, dropping queued inputs.
 
     The workers are daemon threads, and one still inside an encoder's PyTorch kernels when the interpreter
     finalizes dies taking the GIL back, in a C++ destructor: the process aborts ("terminate called without an
     active exception", exit 134) after the script itself finished, e.g. a Ctrl-C or an error while a request
-    was encoding. So exit cancels what no worker has started and waits for the batch being encoded."""
-    for open_queues in list(_OPEN):
-        stop = open_queues._stop.detach()  # None: already closed
-        if stop is None:
-            continue
-        _, _, (queues, threads), _ = stop
+    was encoding. So exit cancels what no worker has started and waits for the batch being encoded (also behind
+    a `close()` that returned while its workers still had queued inputs to encode)."""
+    for alive in list(_ALIVE):
+        alive._stop.detach()
+        queues = list(alive._queues.values())
         for q in queues:
             _cancel_queued(q)
-        _stop_workers(queues, threads, timeout=EXIT_JOIN_TIMEOUT_S)
+        _stop_workers(queues, alive._threads, timeout=EXIT_JOIN_TIMEOUT_S)
 
 
 def _cancel_queued(q: queue.Queue) -> None:

@@ -167,11 +167,14 @@ def test_queues_dropped_without_close_stop_their_workers():
         queues.submit({"vec": [1.0]})
 
 
-def test_exit_while_a_worker_encodes_waits_for_that_batch_and_drops_the_queued_ones():
+@pytest.mark.parametrize("close_first", [False, True])
+def test_exit_while_a_worker_encodes_waits_for_that_batch_and_drops_the_queued_ones(close_first):
     """A script ending while a worker is inside PyTorch's kernels exits with status 0, not an abort (134) as the
-    daemon worker takes the GIL back in a finalizing interpreter; the inputs still queued are not encoded."""
+    daemon worker takes the GIL back in a finalizing interpreter; the inputs still queued are not encoded. Also
+    after a close() that stopped waiting for its workers (given 0.1 s here) while they had inputs queued."""
     script = textwrap.dedent("""
-        import threading, torch
+        import sys, threading, torch
+        import fusion.queues
         from fusion.queues import ModalityQueues
         from test_fusion import VectorProcessor
         started = threading.Event()
@@ -185,10 +188,13 @@ def test_exit_while_a_worker_encodes_waits_for_that_batch_and_drops_the_queued_o
         queues = ModalityQueues({"vec": VectorProcessor()}, encode, max_batch=1)
         futures = [queues.submit({"vec": [float(i)]})["vec"] for i in range(3)]
         started.wait()
+        if sys.argv[1] == "close_first":
+            fusion.queues._stop_workers.__defaults__ = (0.1,)  # close() waits 0.1 s for its workers
+            queues.close()
         print("exit", flush=True)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, "close_first" if close_first else "exit"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["encode", "exit"]  # one batch encoded; the two queued inputs were dropped
