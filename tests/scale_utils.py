@@ -68,19 +68,19 @@ def deep_update(target: dict, updates: dict) -> dict:
 
 def run_fit(config: Path, *extra: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m mmr1.cli fit --config config ...` in a subprocess (Lightning launches the other ranks)."""
-    proc = run_python(None, "-m", "mmr1.cli", "fit", "--config", config, *extra, timeout=timeout)
+    proc = run_python("-m", "mmr1.cli", "fit", "--config", config, *extra, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"mmr1 fit failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
-def run_python(code: str | None, *args, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -c code args...` (or `python args...` when code is None) in a subprocess, offline, one thread per
-    process, with the repository and tests/ importable."""
+def run_python(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python args...` (`-m module ...`, `-c code ...`) in a subprocess, offline, one thread per process, with the
+    repository and tests/ importable; output captured."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, *(["-c", code] if code is not None else []), *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def train_losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:

@@ -1,9 +1,5 @@
-import os
-import subprocess
-import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +9,7 @@ from encoders.base import ModalityProcessor
 from fusion.cross_attention import GatedCrossAttention
 from fusion.projector import MLPProjector, PerceiverResampler, ProjectorConfig, build_projector
 from fusion.queues import ModalityQueues
-
-ROOT = Path(__file__).resolve().parents[1]
+from scale_utils import run_python
 
 
 def test_gate_starts_closed_and_opens():
@@ -193,8 +188,6 @@ def test_exit_while_a_worker_encodes_waits_for_that_batch_and_drops_the_queued_o
             queues.close()
         print("exit", flush=True)
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, "-c", script, "close_first" if close_first else "exit"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python("-c", script, "close_first" if close_first else "exit", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["encode", "exit"]  # one batch encoded; the two queued inputs were dropped

@@ -170,6 +170,6 @@ def test_fit_destroys_its_process_group_before_the_interpreter_exits(setup):
               "rc = main(['fit', '--config', sys.argv[1]])\n"
               "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
               "print('RESULT', rc, dist.is_initialized(), sorted(n for n in names if 'gloo' in n or 'tcpstore' in n))")
-    proc = run_python(script, config)
+    proc = run_python("-c", script, config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT 0 False []" in proc.stdout, proc.stdout[-2000:]
